@@ -1,0 +1,421 @@
+//! `RegistryClient`: the registry's HTTP API for agents, tools and tests. It keeps one
+//! connection pool, fails over between the configured URLs in order, and retries a call
+//! that could not reach any of them (or got 503) with exponential back-off and jitter.
+//! Every call of the API is idempotent, so a retry never does a thing twice.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use url::Url;
+
+use crate::config::Secret;
+use crate::model::{Instance, Registration};
+use crate::wire::{
+    AgentAnnouncement, AgentInfo, AgentsPage, CatalogPage, ErrorBody, Heartbeat, Maintenance,
+    ServiceInstances, ServicesPage,
+};
+
+/// How a [`RegistryClient`] talks to the registry.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Registry base URLs, tried in order.
+    pub urls: Vec<Url>,
+    /// Bearer token sent with every call.
+    pub token: Option<Secret>,
+    /// Longest time one request may take (a blocking catalog call adds its wait to this).
+    pub timeout: Duration,
+    /// Longest time to open a connection.
+    pub connect_timeout: Duration,
+    /// How many times a call is retried after every URL failed.
+    pub retries: usize,
+    /// First back-off delay; it doubles up to `max_backoff`, with jitter.
+    pub min_backoff: Duration,
+    /// Longest back-off delay.
+    pub max_backoff: Duration,
+}
+
+impl ClientConfig {
+    /// Defaults for `urls`: 5 s timeout, 2 s to connect, 3 retries from 100 ms up to 2 s.
+    pub fn new(urls: Vec<Url>) -> Self {
+        ClientConfig {
+            urls,
+            token: None,
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            retries: 3,
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Why a registry call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The registry answered with an error status and the contract's body.
+    #[error("registry answered {status}: {} ({})", .body.message, .body.error)]
+    Status {
+        /// The HTTP status.
+        status: StatusCode,
+        /// The error body.
+        body: ErrorBody,
+    },
+    /// No configured registry could be reached.
+    #[error("no registry reachable (last tried {url}): {source}")]
+    Unreachable {
+        /// The last URL tried.
+        url: String,
+        /// The transport error.
+        source: reqwest::Error,
+    },
+    /// The answer was not the expected JSON.
+    #[error("registry at {url} sent an unreadable answer: {reason}")]
+    Decode {
+        /// The URL.
+        url: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The client could not be built.
+    #[error("cannot build the registry client: {0}")]
+    Build(String),
+}
+
+impl ClientError {
+    /// The status the registry answered with, if it answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// True for a 404: the caller should register again.
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(StatusCode::NOT_FOUND)
+    }
+
+    /// True when another try (elsewhere or later) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } => true,
+            ClientError::Status { status, .. } => *status == StatusCode::SERVICE_UNAVAILABLE,
+            _ => false,
+        }
+    }
+}
+
+/// Which instances `GET /v1/services/{name}` returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceQuery {
+    /// Every instance, not only the healthy ones.
+    pub any_health: bool,
+    /// Tags every instance must carry.
+    pub tags: Vec<String>,
+    /// Only this zone.
+    pub zone: Option<String>,
+}
+
+/// A client of the registry's HTTP API; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RegistryClient {
+    http: reqwest::Client,
+    config: Arc<ClientConfig>,
+    /// Index into `urls` of the last registry that answered: calls start there.
+    preferred: Arc<AtomicUsize>,
+}
+
+/// One request, before it is sent to a URL.
+struct Call<'a> {
+    method: Method,
+    segments: &'a [&'a str],
+    query: Vec<(&'static str, String)>,
+    body: Option<Vec<u8>>,
+    timeout: Duration,
+}
+
+impl RegistryClient {
+    /// Builds a client; fails when no URL is given or TLS cannot be set up.
+    pub fn new(config: ClientConfig) -> Result<Self, ClientError> {
+        if config.urls.is_empty() {
+            return Err(ClientError::Build("no registry URL given".into()));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| ClientError::Build(e.to_string()))?;
+        Ok(RegistryClient {
+            http,
+            config: Arc::new(config),
+            preferred: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// The URL of the registry that answered last.
+    pub fn current_url(&self) -> &Url {
+        let urls = &self.config.urls;
+        &urls[self.preferred.load(Ordering::Relaxed) % urls.len()]
+    }
+
+    /// `POST /v1/instances`: returns the instance and whether it was new.
+    pub async fn register(
+        &self,
+        registration: &Registration,
+    ) -> Result<(Instance, bool), ClientError> {
+        let (status, instance) = self
+            .json(
+                Method::POST,
+                &["v1", "instances"],
+                vec![],
+                Some(registration),
+            )
+            .await?;
+        Ok((instance, status == StatusCode::CREATED))
+    }
+
+    /// `GET /v1/instances/{id}`.
+    pub async fn instance(&self, id: &str) -> Result<Instance, ClientError> {
+        self.json(Method::GET, &["v1", "instances", id], vec![], None::<&()>)
+            .await
+            .map(|(_, i)| i)
+    }
+
+    /// `PUT /v1/instances/{id}/heartbeat`; a 404 means: register again.
+    pub async fn heartbeat(
+        &self,
+        id: &str,
+        heartbeat: &Heartbeat,
+    ) -> Result<Instance, ClientError> {
+        self.json(
+            Method::PUT,
+            &["v1", "instances", id, "heartbeat"],
+            vec![],
+            Some(heartbeat),
+        )
+        .await
+        .map(|(_, i)| i)
+    }
+
+    /// `PUT /v1/instances/{id}/maintenance`.
+    pub async fn maintenance(
+        &self,
+        id: &str,
+        maintenance: &Maintenance,
+    ) -> Result<Instance, ClientError> {
+        self.json(
+            Method::PUT,
+            &["v1", "instances", id, "maintenance"],
+            vec![],
+            Some(maintenance),
+        )
+        .await
+        .map(|(_, i)| i)
+    }
+
+    /// `DELETE /v1/instances/{id}`.
+    pub async fn deregister(&self, id: &str) -> Result<(), ClientError> {
+        let call = Call {
+            method: Method::DELETE,
+            segments: &["v1", "instances", id],
+            query: vec![],
+            body: None,
+            timeout: self.config.timeout,
+        };
+        self.send(call).await.map(|_| ())
+    }
+
+    /// `GET /v1/services`.
+    pub async fn services(&self) -> Result<ServicesPage, ClientError> {
+        self.json(Method::GET, &["v1", "services"], vec![], None::<&()>)
+            .await
+            .map(|(_, p)| p)
+    }
+
+    /// `GET /v1/services/{name}` with filters.
+    pub async fn service(
+        &self,
+        name: &str,
+        query: &ServiceQuery,
+    ) -> Result<ServiceInstances, ClientError> {
+        let mut params = vec![(
+            "health",
+            if query.any_health { "any" } else { "healthy" }.to_string(),
+        )];
+        params.extend(query.tags.iter().map(|t| ("tag", t.clone())));
+        if let Some(zone) = &query.zone {
+            params.push(("zone", zone.clone()));
+        }
+        self.json(Method::GET, &["v1", "services", name], params, None::<&()>)
+            .await
+            .map(|(_, p)| p)
+    }
+
+    /// `GET /v1/catalog`, blocking until the index passes `index` or `wait` ends.
+    pub async fn catalog(
+        &self,
+        index: Option<u64>,
+        wait: Option<Duration>,
+    ) -> Result<CatalogPage, ClientError> {
+        let mut query = Vec::new();
+        if let Some(index) = index {
+            query.push(("index", index.to_string()));
+        }
+        let mut timeout = self.config.timeout;
+        if let Some(wait) = wait {
+            query.push(("wait", format!("{}ms", wait.as_millis())));
+            timeout += wait;
+        }
+        let call = Call {
+            method: Method::GET,
+            segments: &["v1", "catalog"],
+            query,
+            body: None,
+            timeout,
+        };
+        let (url, _, bytes) = self.send(call).await?;
+        decode(&url, &bytes)
+    }
+
+    /// `PUT /v1/agents/{node}`.
+    pub async fn announce(
+        &self,
+        node: &str,
+        announcement: &AgentAnnouncement,
+    ) -> Result<AgentInfo, ClientError> {
+        self.json(
+            Method::PUT,
+            &["v1", "agents", node],
+            vec![],
+            Some(announcement),
+        )
+        .await
+        .map(|(_, a)| a)
+    }
+
+    /// `GET /v1/agents`.
+    pub async fn agents(&self) -> Result<AgentsPage, ClientError> {
+        self.json(Method::GET, &["v1", "agents"], vec![], None::<&()>)
+            .await
+            .map(|(_, p)| p)
+    }
+
+    async fn json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: Vec<(&'static str, String)>,
+        body: Option<&B>,
+    ) -> Result<(StatusCode, T), ClientError> {
+        let body = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| ClientError::Build(format!("cannot encode the request body: {e}")))?;
+        let call = Call {
+            method,
+            segments,
+            query,
+            body,
+            timeout: self.config.timeout,
+        };
+        let (url, status, bytes) = self.send(call).await?;
+        Ok((status, decode(&url, &bytes)?))
+    }
+
+    /// Sends `call`, failing over between URLs and retrying with back-off.
+    async fn send(
+        &self,
+        call: Call<'_>,
+    ) -> Result<(String, StatusCode, bytes::Bytes), ClientError> {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(self.config.min_backoff)
+            .with_max_delay(self.config.max_backoff)
+            .with_max_times(self.config.retries)
+            .with_jitter();
+        (|| self.send_once_everywhere(&call))
+            .retry(backoff)
+            .when(ClientError::is_retryable)
+            .await
+    }
+
+    /// One try at every URL, starting with the preferred one.
+    async fn send_once_everywhere(
+        &self,
+        call: &Call<'_>,
+    ) -> Result<(String, StatusCode, bytes::Bytes), ClientError> {
+        let urls = &self.config.urls;
+        let start = self.preferred.load(Ordering::Relaxed);
+        let mut last = None;
+        for offset in 0..urls.len() {
+            let i = (start + offset) % urls.len();
+            match self.send_to(&urls[i], call).await {
+                Ok(answer) => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok(answer);
+                }
+                Err(e) if e.is_retryable() => {
+                    tracing::debug!(url = %urls[i], error = %e, "registry call failed, trying the next registry");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::Build("no registry URL given".into())))
+    }
+
+    async fn send_to(
+        &self,
+        base: &Url,
+        call: &Call<'_>,
+    ) -> Result<(String, StatusCode, bytes::Bytes), ClientError> {
+        let mut url = base.clone();
+        url.path_segments_mut()
+            .map_err(|()| ClientError::Build(format!("{base} cannot be a base URL")))?
+            .pop_if_empty()
+            .extend(call.segments);
+        let mut request = self
+            .http
+            .request(call.method.clone(), url.clone())
+            .timeout(call.timeout);
+        if !call.query.is_empty() {
+            request = request.query(&call.query);
+        }
+        if let Some(token) = &self.config.token {
+            request = request.bearer_auth(token.expose());
+        }
+        if let Some(body) = &call.body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone());
+        }
+        let url_text = url.to_string();
+        let unreachable = |source| ClientError::Unreachable {
+            url: url_text.clone(),
+            source,
+        };
+        let response = request.send().await.map_err(unreachable)?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(unreachable)?;
+        if status.is_success() {
+            return Ok((url_text, status, bytes));
+        }
+        let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| ErrorBody {
+            error: "unexpected_answer".into(),
+            message: String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned(),
+            problems: vec![],
+        });
+        Err(ClientError::Status { status, body })
+    }
+}
+
+fn decode<T: DeserializeOwned>(url: &str, bytes: &[u8]) -> Result<T, ClientError> {
+    serde_json::from_slice(bytes).map_err(|e| ClientError::Decode {
+        url: url.to_string(),
+        reason: e.to_string(),
+    })
+}
