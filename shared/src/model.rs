@@ -293,6 +293,12 @@ impl Registration {
         }
         let ttl_s = self.ttl_s.unwrap_or(i64::from(DEFAULT_TTL_S));
         errors.check("ttl_s", validate::in_range(ttl_s, 1, i64::from(MAX_TTL_S)));
+        // Without an agent, the registry's probe renews the lease: it must outlast two probes.
+        if let (None, Some(check)) = (&self.node, &self.check)
+            && (ttl_s as f64) < 2.0 * check.interval.as_secs_f64()
+        {
+            errors.add("ttl_s", format!("must be at least twice the check interval ({}) for an instance without an agent", crate::duration::format(check.interval)));
+        }
         let spec = InstanceSpec {
             id: self.id,
             service: self.service,

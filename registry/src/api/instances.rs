@@ -1,0 +1,92 @@
+//! `POST /v1/instances`, `GET|DELETE /v1/instances/{id}`, `PUT /v1/instances/{id}/heartbeat`,
+//! `PUT /v1/instances/{id}/maintenance`.
+
+use std::sync::Arc;
+
+use signpost_shared::model::Registration;
+use signpost_shared::validate;
+use signpost_shared::wire::{Heartbeat, Maintenance};
+use warp::http::StatusCode;
+use warp::Reply as _;
+use warp::reply::Response;
+
+use super::error::ApiError;
+use super::request::Body;
+use super::{AppState, json, with_index};
+use crate::store::{Deregistered, Registered};
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Refuses an id that cannot exist (400) before it reaches the database.
+fn checked_id(id: &str) -> Result<(), ApiError> {
+    validate::instance_id(id).map_err(|problem| ApiError::bad_request("invalid_id", format!("instance id: {problem}")))
+}
+
+/// Registers or updates an instance: 201 when new, 200 otherwise.
+pub async fn register(state: Arc<AppState>, authorization: Option<String>, body: Result<Body, ApiError>) -> Result<Response, ApiError> {
+    state.auth.check_write(authorization.as_deref())?;
+    let spec = body?.json::<Registration>()?.validate()?;
+    let (instance, outcome) = state.store.register(&spec, now_ms()).await?;
+    let status = if outcome == Registered::Created { StatusCode::CREATED } else { StatusCode::OK };
+    if outcome != Registered::Renewed {
+        tracing::info!(instance = %instance.id, service = %instance.service, created = outcome == Registered::Created, "registered");
+    }
+    Ok(with_index(json(status, &instance), instance.index))
+}
+
+/// One instance, always read from the database.
+pub async fn get(state: Arc<AppState>, id: String) -> Result<Response, ApiError> {
+    checked_id(&id)?;
+    let instance = state.store.instance(&id).await?.ok_or_else(|| ApiError::NotFound(format!("no instance `{id}`")))?;
+    Ok(json(StatusCode::OK, &instance))
+}
+
+/// Renews the lease; 404 tells the caller to register again.
+pub async fn heartbeat(state: Arc<AppState>, authorization: Option<String>, id: String, body: Result<Body, ApiError>) -> Result<Response, ApiError> {
+    state.auth.check_write(authorization.as_deref())?;
+    checked_id(&id)?;
+    let heartbeat: Heartbeat = body?.json_or_default()?;
+    heartbeat.validate()?;
+    let instance = state
+        .store
+        .heartbeat(&id, &heartbeat, now_ms())
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no instance `{id}`; register it again")))?;
+    Ok(json(StatusCode::OK, &instance))
+}
+
+/// Turns maintenance on or off.
+pub async fn maintenance(state: Arc<AppState>, authorization: Option<String>, id: String, body: Result<Body, ApiError>) -> Result<Response, ApiError> {
+    state.auth.check_write(authorization.as_deref())?;
+    checked_id(&id)?;
+    let maintenance: Maintenance = body?.json()?;
+    maintenance.validate()?;
+    let instance = state
+        .store
+        .set_maintenance(&id, &maintenance, now_ms())
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no instance `{id}`")))?;
+    tracing::info!(instance = %id, enabled = maintenance.enabled, "maintenance changed");
+    Ok(json(StatusCode::OK, &instance))
+}
+
+/// Deregisters: 204, 404, or 409 when a live agent owns the instance.
+pub async fn deregister(state: Arc<AppState>, authorization: Option<String>, id: String) -> Result<Response, ApiError> {
+    state.auth.check_write(authorization.as_deref())?;
+    checked_id(&id)?;
+    match state.store.deregister(&id, now_ms()).await? {
+        Deregistered::Removed => {
+            tracing::info!(instance = %id, "deregistered");
+            Ok(warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response())
+        }
+        Deregistered::NotFound => Err(ApiError::NotFound(format!("no instance `{id}`"))),
+        Deregistered::OwnedByLiveAgent { node, http_addr } => Err(ApiError::Conflict(format!(
+            "instance `{id}` belongs to agent `{node}`, which is alive and would register it again; \
+             remove it there: DELETE http://{http_addr}/v1/agent/services/{id}"
+        ))),
+    }
+}
+
+

@@ -1,0 +1,47 @@
+//! `GET /v1/services`, `GET /v1/services/{name}` and `GET /v1/catalog`, answered from the
+//! catalog snapshot; each takes `index` and `wait` to block until the catalog changes.
+
+use std::sync::Arc;
+
+use signpost_shared::validate;
+use signpost_shared::wire::{ServiceInstances, ServicesPage};
+use warp::http::StatusCode;
+use warp::reply::Response;
+
+use super::error::ApiError;
+use super::request::ReadQuery;
+use super::{AppState, block, json, json_bytes, with_index};
+
+/// Every service with its counts by health.
+pub async fn services(state: Arc<AppState>, raw_query: String) -> Result<Response, ApiError> {
+    let query = ReadQuery::parse(&raw_query, &["index", "wait"])?;
+    block(&state, query.index, query.wait).await;
+    let snapshot = state.cache.get().await?;
+    let page = ServicesPage { index: snapshot.index, self_preservation: snapshot.self_preservation, services: snapshot.summaries() };
+    Ok(with_index(json(StatusCode::OK, &page), snapshot.index))
+}
+
+/// The instances of one service, filtered by health, tags and zone. An unknown service is
+/// an empty list, not a 404, so that a client can wait for its first instance.
+pub async fn service(state: Arc<AppState>, name: String, raw_query: String) -> Result<Response, ApiError> {
+    validate::dns_label(&name).map_err(|p| ApiError::bad_request("invalid_name", format!("service name: {p}")))?;
+    let query = ReadQuery::parse(&raw_query, &["health", "tag", "zone", "index", "wait"])?;
+    block(&state, query.index, query.wait).await;
+    let snapshot = state.cache.get().await?;
+    let instances = snapshot
+        .service(&name)
+        .iter()
+        .filter(|i| query.health.accepts(i.health) && i.has_tags(&query.tags) && (query.zone.is_none() || i.zone == query.zone))
+        .cloned()
+        .collect();
+    let answer = ServiceInstances { service: name, index: snapshot.index, instances };
+    Ok(with_index(json(StatusCode::OK, &answer), snapshot.index))
+}
+
+/// The whole catalog (instances and agents) with its index.
+pub async fn catalog(state: Arc<AppState>, raw_query: String) -> Result<Response, ApiError> {
+    let query = ReadQuery::parse(&raw_query, &["index", "wait"])?;
+    block(&state, query.index, query.wait).await;
+    let snapshot = state.cache.get().await?;
+    Ok(json_bytes(snapshot.catalog_json(), snapshot.index))
+}

@@ -1,0 +1,237 @@
+//! The registry's HTTP API (warp). Routes:
+//! - `POST /v1/instances`, `GET|DELETE /v1/instances/{id}`,
+//!   `PUT /v1/instances/{id}/heartbeat`, `PUT /v1/instances/{id}/maintenance` ([`instances`])
+//! - `GET /v1/services`, `GET /v1/services/{name}`, `GET /v1/catalog` ([`lookups`])
+//! - `PUT /v1/agents/{node}`, `GET /v1/agents` ([`agents`])
+//! - `GET /healthz`, `GET /readyz`, `GET /metrics` ([`ops`])
+
+pub mod agents;
+pub mod auth;
+pub mod error;
+pub mod instances;
+pub mod lookups;
+pub mod ops;
+pub mod request;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use self::auth::Auth;
+use self::error::ApiError;
+use self::request::Body;
+use crate::metrics::Metrics;
+use crate::snapshot::CatalogCache;
+use crate::store::Store;
+
+/// Everything a request handler needs.
+#[derive(Debug)]
+pub struct AppState {
+    /// The database.
+    pub store: Store,
+    /// The snapshot that answers reads.
+    pub cache: CatalogCache,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Write tokens.
+    pub auth: Auth,
+    /// Largest body.
+    pub max_body_bytes: u64,
+    /// Longest blocking wait.
+    pub max_wait: Duration,
+    /// Cancelled on shutdown: blocking queries answer at once.
+    pub shutdown: CancellationToken,
+}
+
+/// The default wait of a blocking query (Consul's).
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(300);
+
+type State = Arc<AppState>;
+
+fn with_state(state: State) -> impl Filter<Extract = (State,), Error = Infallible> + Clone {
+    warp::any().map(move || state.clone())
+}
+
+/// The raw query string, empty when there is none.
+fn raw_query() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
+    warp::query::raw().or(warp::any().map(String::new)).unify()
+}
+
+/// The `Authorization` header, if any.
+fn authorization() -> impl Filter<Extract = (Option<String>,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+}
+
+/// The body, read up to the state's limit; reading errors are handed to the handler.
+fn body(state: State) -> impl Filter<Extract = (Result<Body, ApiError>,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("content-type")
+        .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::body::stream())
+        .then(move |content_type, length, stream| {
+            let limit = state.max_body_bytes;
+            async move { Body::read(content_type, length, stream, limit).await }
+        })
+}
+
+/// A JSON answer.
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    warp::reply::with_status(warp::reply::json(value), status).into_response()
+}
+
+/// A JSON answer already serialized.
+pub fn json_bytes(bytes: Bytes, index: u64) -> Response {
+    let mut response = Response::new(bytes.into());
+    let headers = response.headers_mut();
+    headers.insert(warp::http::header::CONTENT_TYPE, warp::http::HeaderValue::from_static("application/json"));
+    headers.insert(signpost_shared::wire::INDEX_HEADER, warp::http::HeaderValue::from(index));
+    response
+}
+
+/// Adds the catalog index header.
+pub fn with_index(mut response: Response, index: u64) -> Response {
+    response.headers_mut().insert(signpost_shared::wire::INDEX_HEADER, warp::http::HeaderValue::from(index));
+    response
+}
+
+/// Turns a handler's outcome into a response.
+fn respond(result: Result<Response, ApiError>) -> Response {
+    result.unwrap_or_else(ApiError::into_response)
+}
+
+/// Every route, with error recovery and request metrics.
+pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let s = || with_state(state.clone());
+    let register = warp::path!("v1" / "instances")
+        .and(warp::post())
+        .and(s())
+        .and(authorization())
+        .and(body(state.clone()))
+        .then(|st, auth, body| async move { respond(instances::register(st, auth, body).await) });
+    let get_instance = warp::path!("v1" / "instances" / String)
+        .and(warp::get())
+        .and(s())
+        .then(|id, st| async move { respond(instances::get(st, id).await) });
+    let deregister = warp::path!("v1" / "instances" / String)
+        .and(warp::delete())
+        .and(s())
+        .and(authorization())
+        .then(|id, st, auth| async move { respond(instances::deregister(st, auth, id).await) });
+    let heartbeat = warp::path!("v1" / "instances" / String / "heartbeat")
+        .and(warp::put())
+        .and(s())
+        .and(authorization())
+        .and(body(state.clone()))
+        .then(|id, st, auth, body| async move { respond(instances::heartbeat(st, auth, id, body).await) });
+    let maintenance = warp::path!("v1" / "instances" / String / "maintenance")
+        .and(warp::put())
+        .and(s())
+        .and(authorization())
+        .and(body(state.clone()))
+        .then(|id, st, auth, body| async move { respond(instances::maintenance(st, auth, id, body).await) });
+    let services = warp::path!("v1" / "services")
+        .and(warp::get())
+        .and(s())
+        .and(raw_query())
+        .then(|st, q| async move { respond(lookups::services(st, q).await) });
+    let service = warp::path!("v1" / "services" / String)
+        .and(warp::get())
+        .and(s())
+        .and(raw_query())
+        .then(|name, st, q| async move { respond(lookups::service(st, name, q).await) });
+    let catalog = warp::path!("v1" / "catalog")
+        .and(warp::get())
+        .and(s())
+        .and(raw_query())
+        .then(|st, q| async move { respond(lookups::catalog(st, q).await) });
+    let announce = warp::path!("v1" / "agents" / String)
+        .and(warp::put())
+        .and(s())
+        .and(authorization())
+        .and(body(state.clone()))
+        .then(|node, st, auth, body| async move { respond(agents::announce(st, auth, node, body).await) });
+    let list_agents = warp::path!("v1" / "agents")
+        .and(warp::get())
+        .and(s())
+        .then(|st| async move { respond(agents::list(st).await) });
+    let healthz = warp::path!("healthz").and(warp::get()).map(ops::healthz);
+    let readyz = warp::path!("readyz").and(warp::get()).and(s()).then(ops::readyz);
+    let metrics = warp::path!("metrics").and(warp::get()).and(s()).then(ops::metrics);
+
+    let metrics_sink = state.metrics.clone();
+    register
+        .or(get_instance)
+        .unify()
+        .or(deregister)
+        .unify()
+        .or(heartbeat)
+        .unify()
+        .or(maintenance)
+        .unify()
+        .or(services)
+        .unify()
+        .or(service)
+        .unify()
+        .or(catalog)
+        .unify()
+        .or(announce)
+        .unify()
+        .or(list_agents)
+        .unify()
+        .or(healthz)
+        .unify()
+        .or(readyz)
+        .unify()
+        .or(metrics)
+        .unify()
+        .recover(error::recover)
+        .unify()
+        .with(warp::log::custom(move |info| {
+            let route = route_of(info.path());
+            let status = info.status().as_u16();
+            metrics_sink.request(route, info.method().as_str(), status, info.elapsed());
+            tracing::debug!(method = %info.method(), route, status, elapsed_ms = info.elapsed().as_secs_f64() * 1000.0, "request");
+        }))
+}
+
+/// The route template of a path, for metrics labels (bounded cardinality).
+fn route_of(path: &str) -> &'static str {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["v1", "instances"] => "/v1/instances",
+        ["v1", "instances", _] => "/v1/instances/{id}",
+        ["v1", "instances", _, "heartbeat"] => "/v1/instances/{id}/heartbeat",
+        ["v1", "instances", _, "maintenance"] => "/v1/instances/{id}/maintenance",
+        ["v1", "services"] => "/v1/services",
+        ["v1", "services", _] => "/v1/services/{name}",
+        ["v1", "catalog"] => "/v1/catalog",
+        ["v1", "agents"] => "/v1/agents",
+        ["v1", "agents", _] => "/v1/agents/{node}",
+        ["healthz"] => "/healthz",
+        ["readyz"] => "/readyz",
+        ["metrics"] => "/metrics",
+        _ => "other",
+    }
+}
+
+/// Waits, for a blocking query, until the catalog index moves past `index`, `wait` ends or
+/// the registry shuts down. An index the registry has not reached (the database was reset,
+/// or another replica is ahead) does not block.
+pub async fn block(state: &AppState, index: Option<u64>, wait: Option<Duration>) {
+    let Some(index) = index else { return };
+    let mut changes = state.store.subscribe();
+    if *changes.borrow_and_update() != index {
+        return;
+    }
+    let wait = wait.unwrap_or(DEFAULT_WAIT).min(state.max_wait);
+    tokio::select! {
+        _ = tokio::time::timeout(wait, changes.wait_for(|current| *current != index)) => {}
+        _ = state.shutdown.cancelled() => {}
+    }
+}

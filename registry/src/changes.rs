@@ -1,0 +1,88 @@
+//! Keeps this replica's view of the catalog's change index current: PostgreSQL
+//! notifications (a change through any replica) and, as a safety net, a periodic read.
+
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{NOTIFY_CHANNEL, Store};
+
+/// Follows `NOTIFY signpost_catalog` until cancelled; reconnects after a failure.
+pub async fn listen(store: Store, shutdown: CancellationToken) {
+    let Some(pool) = store.pg_pool().cloned() else {
+        // SQLite: every write goes through this process; nothing to listen for.
+        shutdown.cancelled().await;
+        return;
+    };
+    let mut backoff = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        let listener = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(NOTIFY_CHANNEL).await?;
+            tracing::debug!("listening for catalog changes");
+            Ok::<_, sqlx::Error>(listener)
+        };
+        let mut listener = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            result = listener => match result {
+                Ok(listener) => listener,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot listen for catalog changes");
+                    tokio::select! { _ = shutdown.cancelled() => return, _ = tokio::time::sleep(backoff) => {} }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            },
+        };
+        backoff = Duration::from_millis(100);
+        // A notification lost while reconnecting is covered by this read.
+        let _ = store.refresh_index().await;
+        loop {
+            let received = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                received = listener.try_recv() => received,
+            };
+            match received {
+                Ok(Some(notification)) => match notification.payload().parse::<u64>() {
+                    Ok(index) => store.observe_index(index),
+                    Err(_) => tracing::warn!(payload = notification.payload(), "ignoring a malformed catalog notification"),
+                },
+                Ok(None) => {
+                    tracing::warn!("catalog listener lost its connection; reconnecting");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "catalog listener failed; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Reads the change index every `interval` until cancelled.
+pub async fn poll(store: Store, interval: Duration, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A lower index in the database than the one known, twice in a row, means the database
+    // was restored or emptied (once may be a read racing a local commit).
+    let mut lower_before = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        match store.refresh_index().await {
+            Ok(index) if index < store.known_index() => {
+                if lower_before {
+                    tracing::warn!(index, known = store.known_index(), "the catalog index went back; the database was restored or emptied");
+                    store.reset_index(index);
+                }
+                lower_before = !lower_before;
+            }
+            Ok(_) => lower_before = false,
+            Err(e) => tracing::debug!(error = %e, "cannot read the change index"),
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The registry's settings: [`RegistryConfig`] (every field documented; defaults, TOML file,
+//! `SIGNPOST_…` environment, flags) and the command line that feeds it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+use signpost_shared::config::{self, ConfigError, LogFormat, Secret};
+
+/// Every setting of the registry. Durations are written `500ms`, `2s`, `1m`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Address the HTTP API listens on.
+    pub listen: SocketAddr,
+    /// Folder for the embedded SQLite database when no `database_url` is given.
+    pub data_dir: PathBuf,
+    /// `postgres://…` or `sqlite://…`; none means an SQLite file in `data_dir`.
+    pub database_url: Option<String>,
+    /// Bearer token for the admin API (every write).
+    pub admin_token: Option<Secret>,
+    /// File holding the admin token.
+    pub admin_token_file: Option<PathBuf>,
+    /// Bearer token for agents (instance and agent writes).
+    pub agent_token: Option<Secret>,
+    /// File holding the agent token.
+    pub agent_token_file: Option<PathBuf>,
+    /// Log format: `human` or `json`.
+    pub log_format: LogFormat,
+    /// Log filter, in `RUST_LOG` syntax (`RUST_LOG` wins when set).
+    pub log_level: String,
+    /// Time between two sweeps of the leases.
+    #[serde(with = "signpost_shared::duration")]
+    pub sweep_interval: Duration,
+    /// How long an instance whose lease ran out stays (critical) before it is deregistered.
+    #[serde(with = "signpost_shared::duration")]
+    pub deregister_after: Duration,
+    /// Self-preservation: when more than this share of all leases has lapsed, the sweeper
+    /// expires none (the registry, not the fleet, is probably cut off). 1.0 turns it off.
+    pub self_preservation_threshold: f64,
+    /// Self-preservation only applies when at least this many instances are registered.
+    pub self_preservation_min_instances: u64,
+    /// Most registry-run probes in flight at once.
+    pub probe_concurrency: usize,
+    /// Consecutive failed probes that make an agentless instance critical.
+    pub probe_failures_before_critical: u32,
+    /// How often a replica that is not the leader tries to take the leader lock, and how
+    /// often the leader checks that it still holds it.
+    #[serde(with = "signpost_shared::duration")]
+    pub leader_check_interval: Duration,
+    /// How often the catalog's change index is read from the database, as a safety net
+    /// under LISTEN/NOTIFY.
+    #[serde(with = "signpost_shared::duration")]
+    pub index_poll_interval: Duration,
+    /// Longest age of the in-memory catalog snapshot that answers reads (0s: always read
+    /// the database). A change made through this replica or notified by another one
+    /// always invalidates it at once.
+    #[serde(with = "signpost_shared::duration")]
+    pub read_cache_max_age: Duration,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: u64,
+    /// Longest `wait` a blocking query may ask for; the default wait is 5m (or this, if less).
+    #[serde(with = "signpost_shared::duration")]
+    pub max_wait: Duration,
+    /// Most database connections.
+    pub db_max_connections: u32,
+    /// Longest wait for a database connection before a request answers 503.
+    #[serde(with = "signpost_shared::duration")]
+    pub db_acquire_timeout: Duration,
+    /// Longest time to finish requests in flight and release the leader lock on shutdown.
+    #[serde(with = "signpost_shared::duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7300)),
+            data_dir: PathBuf::from("./signpost-data"),
+            database_url: None,
+            admin_token: None,
+            admin_token_file: None,
+            agent_token: None,
+            agent_token_file: None,
+            log_format: LogFormat::Human,
+            log_level: "info,sqlx=warn".into(),
+            sweep_interval: Duration::from_secs(1),
+            deregister_after: Duration::from_secs(60),
+            self_preservation_threshold: 0.5,
+            self_preservation_min_instances: 5,
+            probe_concurrency: 64,
+            probe_failures_before_critical: 1,
+            leader_check_interval: Duration::from_secs(1),
+            index_poll_interval: Duration::from_secs(1),
+            read_cache_max_age: Duration::from_secs(1),
+            max_body_bytes: 64 * 1024,
+            max_wait: Duration::from_secs(600),
+            db_max_connections: 16,
+            db_acquire_timeout: Duration::from_secs(3),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RegistryConfig {
+    /// The database URL, defaulting to `registry.db` in the data folder.
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}?mode=rwc", self.data_dir.join("registry.db").display()),
+        }
+    }
+
+    /// Resolves token files into tokens and checks the rules serde cannot express.
+    pub fn finish(mut self) -> Result<Self, ConfigError> {
+        if let Some(path) = self.admin_token_file.take() {
+            self.admin_token = Some(Secret::from_file(&path)?);
+        }
+        if let Some(path) = self.agent_token_file.take() {
+            self.agent_token = Some(Secret::from_file(&path)?);
+        }
+        for (name, token) in [("admin_token", &self.admin_token), ("agent_token", &self.agent_token)] {
+            if token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+                return Err(ConfigError::Rule(format!("{name} must be at least 16 characters long")));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.self_preservation_threshold) {
+            return Err(ConfigError::Rule("self_preservation_threshold must be between 0.0 and 1.0".into()));
+        }
+        if let Some(url) = &self.database_url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://") || url.starts_with("sqlite:"))
+        {
+            return Err(ConfigError::Rule("database_url must start with postgres://, postgresql:// or sqlite:".into()));
+        }
+        let positive = [
+            ("sweep_interval", self.sweep_interval),
+            ("leader_check_interval", self.leader_check_interval),
+            ("index_poll_interval", self.index_poll_interval),
+            ("db_acquire_timeout", self.db_acquire_timeout),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, d)| d.is_zero()) {
+            return Err(ConfigError::Rule(format!("{name} must be more than 0")));
+        }
+        if self.probe_concurrency == 0 || self.db_max_connections == 0 || self.max_body_bytes == 0 {
+            return Err(ConfigError::Rule("probe_concurrency, db_max_connections and max_body_bytes must be more than 0".into()));
+        }
+        Ok(self)
+    }
+}
+
+/// signpost-registry: the central registry of Signpost service discovery.
+///
+/// Every setting can also come from the TOML file given with --config or from an environment
+/// variable `SIGNPOST_<NAME>` (e.g. SIGNPOST_DATABASE_URL); flags win over the environment,
+/// which wins over the file. Durations are written 500ms, 2s, 1m.
+#[derive(Debug, Parser)]
+#[command(name = "signpost-registry", version, about, long_about)]
+pub struct Cli {
+    /// What to do (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The settings.
+    #[command(flatten)]
+    pub flags: Flags,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the registry (the default).
+    Serve,
+    /// Apply the database migrations and exit.
+    Migrate,
+}
+
+/// Flags; each one overrides the setting of the same name.
+#[derive(Debug, Default, clap::Args, Serialize)]
+pub struct Flags {
+    /// TOML file with settings (keys as the flags, with '_' for '-').
+    #[arg(long, global = true, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Folder for the embedded SQLite database [default: ./signpost-data].
+    #[arg(long, global = true, value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// Address the HTTP API listens on [default: 127.0.0.1:7300].
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// postgres://user@host/db or sqlite://file [default: sqlite file in the data folder].
+    #[arg(long, global = true, value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    /// Bearer token for the admin API (at least 16 characters) [default: none, writes are open].
+    #[arg(long, value_name = "TOKEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
+    /// File holding the admin token.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Bearer token for agents (at least 16 characters) [default: none].
+    #[arg(long, value_name = "TOKEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_token: Option<String>,
+    /// File holding the agent token.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_token_file: Option<PathBuf>,
+    /// Log format: human or json [default: human].
+    #[arg(long, value_name = "FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<String>,
+    /// Log filter in RUST_LOG syntax [default: info,sqlx=warn].
+    #[arg(long, value_name = "FILTER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+    /// Time between two lease sweeps [default: 1s].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sweep_interval: Option<String>,
+    /// How long an expired instance stays critical before it is deregistered [default: 60s].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deregister_after: Option<String>,
+    /// Share of lapsed leases above which the sweeper expires none [default: 0.5; 1.0 = off].
+    #[arg(long, value_name = "SHARE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub self_preservation_threshold: Option<f64>,
+    /// Fewest registered instances for self-preservation to apply [default: 5].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub self_preservation_min_instances: Option<u64>,
+    /// Most registry-run probes in flight [default: 64].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_concurrency: Option<usize>,
+    /// Consecutive failed probes before an agentless instance is critical [default: 1].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_failures_before_critical: Option<u32>,
+    /// How often followers try the leader lock and the leader checks it [default: 1s].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader_check_interval: Option<String>,
+    /// How often the change index is polled under LISTEN/NOTIFY [default: 1s].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index_poll_interval: Option<String>,
+    /// Longest age of the in-memory catalog snapshot answering reads [default: 1s; 0s = off].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_cache_max_age: Option<String>,
+    /// Largest request body in bytes [default: 65536].
+    #[arg(long, value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u64>,
+    /// Longest wait of a blocking query [default: 10m].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_wait: Option<String>,
+    /// Most database connections [default: 16].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub db_max_connections: Option<u32>,
+    /// Longest wait for a database connection before answering 503 [default: 3s].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub db_acquire_timeout: Option<String>,
+    /// Longest time to drain on shutdown [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_grace: Option<String>,
+}
+
+/// Loads the configuration from the layers, with `flags` on top.
+pub fn load(flags: &Flags) -> Result<RegistryConfig, ConfigError> {
+    let figment = config::figment(&RegistryConfig::default(), flags.config.as_deref(), flags)?;
+    config::extract::<RegistryConfig>(&figment)?.finish()
+}
+
+/// The folder that holds the SQLite file, created if needed.
+pub fn ensure_data_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)
+}

@@ -1,0 +1,711 @@
+//! The registry's storage: one [`Store`] over PostgreSQL or an SQLite file. Both run the same
+//! SQL (numbered `$n` parameters, `ON CONFLICT`, `RETURNING`; times as unix milliseconds), so
+//! one code path serves both, written once and expanded per backend by `with_pool!`.
+//!
+//! Every change bumps the catalog's change index inside its own transaction (one row,
+//! `catalog_state`, so commits happen in index order). On PostgreSQL a trigger on that row
+//! notifies `signpost_catalog`, which wakes the waiters of every replica.
+
+mod rows;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use signpost_shared::model::{CheckSpec, Health, Instance, InstanceSpec};
+use signpost_shared::wire::{AgentAnnouncement, AgentInfo, Heartbeat, Maintenance};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use tokio::sync::watch;
+
+pub use rows::{AgentRow, InstanceRow, time};
+
+/// The PostgreSQL migrations, applied on start and by `signpost-registry migrate`.
+pub static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+/// The SQLite migrations.
+pub static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+
+/// The NOTIFY channel a change of the catalog index is announced on.
+pub const NOTIFY_CHANNEL: &str = "signpost_catalog";
+
+macro_rules! instance_columns {
+    () => {
+        "id, service, address, port, tags, meta, weight, zone, health, output, maintenance, \
+         maintenance_reason, node, check_spec, ttl_s, lease_expired, change_index, registered_at, \
+         updated_at, lease_expires_at"
+    };
+}
+
+macro_rules! agent_columns {
+    () => {
+        "node, gossip_addr, http_addr, zone, ttl_s, change_index, updated_at, lease_expires_at"
+    };
+}
+
+/// Runs the same body against whichever pool the store has.
+macro_rules! with_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.backend {
+            Backend::Postgres($pool) => $body,
+            Backend::Sqlite($pool) => $body,
+        }
+    };
+}
+
+const BUMP_INDEX: &str = "UPDATE catalog_state SET change_index = change_index + 1 WHERE id = 1 RETURNING change_index";
+const READ_STATE: &str = "SELECT change_index, self_preservation FROM catalog_state WHERE id = 1";
+
+/// Why a storage call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or is overloaded: answer 503 and retry later.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// Any other database error (a defect, not bad input).
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+    /// A stored value cannot be read back.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The migrations failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The URL or options are wrong.
+    #[error("invalid database settings: {0}")]
+    Config(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        if is_connection_error(&error) { StoreError::Unavailable(error) } else { StoreError::Database(error) }
+    }
+}
+
+fn is_connection_error(error: &sqlx::Error) -> bool {
+    use sqlx::Error as E;
+    match error {
+        E::Io(_) | E::Tls(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed | E::Protocol(_) => true,
+        E::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // PostgreSQL: 08 connection, 53 resources, 57 operator intervention (shutdown);
+            // SQLite: 5 busy, 6 locked.
+            code.starts_with("08") || code.starts_with("53") || code.starts_with("57") || code == "5" || code == "6"
+        }
+        _ => false,
+    }
+}
+
+impl StoreError {
+    /// True when the database is down or busy, so a retry later may succeed.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Unavailable(_) => true,
+            StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => is_connection_error(e),
+            _ => false,
+        }
+    }
+}
+
+/// Pool settings.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Most connections.
+    pub max_connections: u32,
+    /// Longest wait for a connection.
+    pub acquire_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// What a registration did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registered {
+    /// A new instance.
+    Created,
+    /// An existing instance, described differently.
+    Updated,
+    /// An existing instance, described the same: only its lease was renewed.
+    Renewed,
+}
+
+/// What a deregistration did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deregistered {
+    /// Removed.
+    Removed,
+    /// No such instance.
+    NotFound,
+    /// Refused: its owner agent is alive and would register it again.
+    OwnedByLiveAgent {
+        /// The owner.
+        node: String,
+        /// Where the owner's HTTP API listens.
+        http_addr: String,
+    },
+}
+
+/// The whole catalog at one change index.
+#[derive(Debug, Clone)]
+pub struct CatalogData {
+    /// The change index.
+    pub index: u64,
+    /// Whether the sweeper holds expiry back.
+    pub self_preservation: bool,
+    /// Every instance, by service then id.
+    pub instances: Vec<Instance>,
+    /// Every agent, by node.
+    pub agents: Vec<AgentInfo>,
+}
+
+/// The rules a sweep follows.
+#[derive(Debug, Clone)]
+pub struct SweepPolicy {
+    /// How long an expired instance stays before it is removed.
+    pub deregister_after: Duration,
+    /// Share of lapsed leases above which nothing expires.
+    pub self_preservation_threshold: f64,
+    /// Fewest instances for self-preservation to apply.
+    pub self_preservation_min_instances: u64,
+}
+
+/// What a sweep did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Registered instances.
+    pub total: u64,
+    /// Instances whose lease has lapsed (marked or not).
+    pub lapsed: u64,
+    /// True when self-preservation held expiry back.
+    pub self_preservation: bool,
+    /// Instances newly marked critical because their lease lapsed.
+    pub expired: Vec<String>,
+    /// Instances deregistered after the grace period.
+    pub removed: Vec<String>,
+    /// Agents forgotten after their announcement lapsed beyond the grace period.
+    pub agents_removed: u64,
+}
+
+/// An agentless instance the registry probes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeTarget {
+    /// The instance.
+    pub id: String,
+    /// Its check.
+    pub check: CheckSpec,
+}
+
+/// The registry's storage; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    backend: Backend,
+    changes: watch::Sender<u64>,
+}
+
+// === impl Store ===
+
+impl Store {
+    /// Opens a pool for `url` (`postgres://…` or `sqlite:…`). It connects lazily: a database
+    /// that is down now makes calls answer [`StoreError::Unavailable`] until it is back.
+    pub fn connect(url: &str, options: &StoreOptions) -> Result<Store, StoreError> {
+        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let connect = PgConnectOptions::from_str(url).map_err(|e| StoreError::Config(e.to_string()))?;
+            let pool = PgPoolOptions::new()
+                .max_connections(options.max_connections)
+                .acquire_timeout(options.acquire_timeout)
+                .connect_lazy_with(connect);
+            Backend::Postgres(pool)
+        } else if url.starts_with("sqlite:") {
+            let connect = SqliteConnectOptions::from_str(url)
+                .map_err(|e| StoreError::Config(e.to_string()))?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(5));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(options.max_connections)
+                .acquire_timeout(options.acquire_timeout)
+                .connect_lazy_with(connect);
+            Backend::Sqlite(pool)
+        } else {
+            return Err(StoreError::Config(format!("unsupported database URL scheme in `{}`", url.split(':').next().unwrap_or(""))));
+        };
+        let (changes, _) = watch::channel(0);
+        Ok(Store { backend, changes })
+    }
+
+    /// True on PostgreSQL (several replicas possible), false on SQLite.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    /// The PostgreSQL pool, for the leader lock and the change listener.
+    pub fn pg_pool(&self) -> Option<&PgPool> {
+        match &self.backend {
+            Backend::Postgres(pool) => Some(pool),
+            Backend::Sqlite(_) => None,
+        }
+    }
+
+    /// Connections open and idle, for `/metrics`.
+    pub fn pool_stats(&self) -> (u32, usize) {
+        with_pool!(self, pool => (pool.size(), pool.num_idle()))
+    }
+
+    /// Applies the migrations of this backend, then reads the change index.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Postgres(pool) => PG_MIGRATOR.run(pool).await?,
+            Backend::Sqlite(pool) => SQLITE_MIGRATOR.run(pool).await?,
+        }
+        self.refresh_index().await.map(|_| ())
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        with_pool!(self, pool => pool.close().await)
+    }
+
+    /// Runs `SELECT 1`.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        with_pool!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()).map_err(StoreError::from))
+    }
+
+    /// The change index as last seen; waiters use [`Store::subscribe`].
+    pub fn known_index(&self) -> u64 {
+        *self.changes.borrow()
+    }
+
+    /// A receiver that changes whenever the known change index does.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Records an index seen elsewhere (a notification, a read); only moves forward.
+    pub fn observe_index(&self, index: u64) {
+        self.changes.send_if_modified(|current| {
+            let newer = index > *current;
+            if newer {
+                *current = index;
+            }
+            newer
+        });
+    }
+
+    /// Reads the index from the database and records it if it is newer.
+    pub async fn refresh_index(&self) -> Result<u64, StoreError> {
+        let (index, _) = self.read_state().await?;
+        self.observe_index(index);
+        Ok(index)
+    }
+
+    /// Takes `index` as the truth even when it is lower than what was seen (the database
+    /// was restored or emptied), so waiters do not wait for an index that will never come.
+    pub fn reset_index(&self, index: u64) {
+        self.changes.send_replace(index);
+    }
+
+    async fn read_state(&self) -> Result<(u64, bool), StoreError> {
+        let (index, sp): (i64, bool) = with_pool!(self, pool => sqlx::query_as(READ_STATE).fetch_one(pool).await)?;
+        Ok((to_u64(index), sp))
+    }
+
+    /// Registers or updates an instance (upsert by id).
+    pub async fn register(&self, spec: &InstanceSpec, now_ms: i64) -> Result<(Instance, Registered), StoreError> {
+        let existing = self.instance_row(&spec.id).await?;
+        if let Some(row) = &existing
+            && row.describes(spec)?
+        {
+            let renewed = self.renew_lease(&spec.id, now_ms).await?;
+            if let Some(row) = renewed {
+                return Ok((row.into_instance()?, Registered::Renewed));
+            }
+        }
+        let tags = serde_json::to_string(&spec.tags).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let meta = serde_json::to_string(&spec.meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let check = spec.check.as_ref().map(serde_json::to_string).transpose().map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let lease = now_ms + i64::from(spec.ttl_s) * 1000;
+        let (row, index) = with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let index: i64 = sqlx::query_scalar(BUMP_INDEX).fetch_one(&mut *tx).await?;
+            let row: InstanceRow = sqlx::query_as(concat!(
+                "INSERT INTO instances (id, service, address, port, tags, meta, weight, zone, health, node, check_spec, \
+                 ttl_s, lease_expired, maintenance, change_index, registered_at, updated_at, lease_expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, $15, $15, $16) \
+                 ON CONFLICT (id) DO UPDATE SET service = excluded.service, address = excluded.address, \
+                 port = excluded.port, tags = excluded.tags, meta = excluded.meta, weight = excluded.weight, \
+                 zone = excluded.zone, health = excluded.health, node = excluded.node, check_spec = excluded.check_spec, \
+                 ttl_s = excluded.ttl_s, lease_expired = excluded.lease_expired, change_index = excluded.change_index, \
+                 updated_at = excluded.updated_at, lease_expires_at = excluded.lease_expires_at \
+                 RETURNING ", instance_columns!()))
+                .bind(&spec.id)
+                .bind(&spec.service)
+                .bind(&spec.address)
+                .bind(i64::from(spec.port))
+                .bind(&tags)
+                .bind(&meta)
+                .bind(i64::from(spec.weight))
+                .bind(&spec.zone)
+                .bind(spec.health.as_str())
+                .bind(&spec.node)
+                .bind(&check)
+                .bind(i64::from(spec.ttl_s))
+                .bind(false)
+                .bind(index)
+                .bind(now_ms)
+                .bind(lease)
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            (row, index)
+        });
+        self.observe_index(to_u64(index));
+        let outcome = if existing.is_some() { Registered::Updated } else { Registered::Created };
+        Ok((row.into_instance()?, outcome))
+    }
+
+    async fn renew_lease(&self, id: &str, now_ms: i64) -> Result<Option<InstanceRow>, StoreError> {
+        let row = with_pool!(self, pool => sqlx::query_as(concat!(
+            "UPDATE instances SET lease_expires_at = $2 + ttl_s * 1000 WHERE id = $1 AND NOT lease_expired RETURNING ",
+            instance_columns!()))
+            .bind(id)
+            .bind(now_ms)
+            .fetch_optional(pool)
+            .await)?;
+        Ok(row)
+    }
+
+    async fn instance_row(&self, id: &str) -> Result<Option<InstanceRow>, StoreError> {
+        let row = with_pool!(self, pool => sqlx::query_as(concat!("SELECT ", instance_columns!(), " FROM instances WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(pool)
+            .await)?;
+        Ok(row)
+    }
+
+    /// One instance, read from the database (never from a cache).
+    pub async fn instance(&self, id: &str) -> Result<Option<Instance>, StoreError> {
+        self.instance_row(id).await?.map(InstanceRow::into_instance).transpose()
+    }
+
+    /// Renews an instance's lease and records what its owner (or the prober) saw. Only a
+    /// change of health, or a lease that had lapsed, moves the change index.
+    pub async fn heartbeat(&self, id: &str, heartbeat: &Heartbeat, now_ms: i64) -> Result<Option<Instance>, StoreError> {
+        let health = heartbeat.health.map(Health::as_str);
+        let fast: Option<InstanceRow> = with_pool!(self, pool => sqlx::query_as(concat!(
+            "UPDATE instances SET lease_expires_at = $2 + ttl_s * 1000, output = COALESCE($4, output) \
+             WHERE id = $1 AND NOT lease_expired AND ($3 IS NULL OR health = $3) RETURNING ", instance_columns!()))
+            .bind(id)
+            .bind(now_ms)
+            .bind(health)
+            .bind(&heartbeat.output)
+            .fetch_optional(pool)
+            .await)?;
+        if let Some(row) = fast {
+            return row.into_instance().map(Some);
+        }
+        let changed: Option<(InstanceRow, i64)> = with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let index: i64 = sqlx::query_scalar(BUMP_INDEX).fetch_one(&mut *tx).await?;
+            let row: Option<InstanceRow> = sqlx::query_as(concat!(
+                "UPDATE instances SET lease_expires_at = $2 + ttl_s * 1000, output = COALESCE($4, output), \
+                 health = COALESCE($3, health), lease_expired = $5, change_index = $6, updated_at = $2 \
+                 WHERE id = $1 RETURNING ", instance_columns!()))
+                .bind(id)
+                .bind(now_ms)
+                .bind(health)
+                .bind(&heartbeat.output)
+                .bind(false)
+                .bind(index)
+                .fetch_optional(&mut *tx)
+                .await?;
+            match row {
+                Some(row) => {
+                    tx.commit().await?;
+                    Some((row, index))
+                }
+                None => None, // dropping the transaction rolls the bump back
+            }
+        });
+        match changed {
+            Some((row, index)) => {
+                self.observe_index(to_u64(index));
+                row.into_instance().map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Records a failed registry-run probe: the instance becomes critical (moving the index
+    /// only if it was not already) and its lease is left to run out.
+    pub async fn record_probe_failure(&self, id: &str, output: &str, now_ms: i64) -> Result<(), StoreError> {
+        let critical = Health::Critical.as_str();
+        let unchanged = with_pool!(self, pool => sqlx::query("UPDATE instances SET output = $2 WHERE id = $1 AND health = $3")
+            .bind(id)
+            .bind(output)
+            .bind(critical)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))?;
+        if unchanged > 0 {
+            return Ok(());
+        }
+        let index: Option<i64> = with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let index: i64 = sqlx::query_scalar(BUMP_INDEX).fetch_one(&mut *tx).await?;
+            let done = sqlx::query("UPDATE instances SET health = $2, output = $3, change_index = $4, updated_at = $5 WHERE id = $1")
+                .bind(id)
+                .bind(critical)
+                .bind(output)
+                .bind(index)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() == 1 {
+                tx.commit().await?;
+                Some(index)
+            } else {
+                None
+            }
+        });
+        if let Some(index) = index {
+            self.observe_index(to_u64(index));
+        }
+        Ok(())
+    }
+
+    /// Turns maintenance on or off.
+    pub async fn set_maintenance(&self, id: &str, maintenance: &Maintenance, now_ms: i64) -> Result<Option<Instance>, StoreError> {
+        let reason = if maintenance.enabled { maintenance.reason.clone() } else { None };
+        let changed: Option<(InstanceRow, i64)> = with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let index: i64 = sqlx::query_scalar(BUMP_INDEX).fetch_one(&mut *tx).await?;
+            let row: Option<InstanceRow> = sqlx::query_as(concat!(
+                "UPDATE instances SET maintenance = $2, maintenance_reason = $3, change_index = $4, updated_at = $5 \
+                 WHERE id = $1 RETURNING ", instance_columns!()))
+                .bind(id)
+                .bind(maintenance.enabled)
+                .bind(&reason)
+                .bind(index)
+                .bind(now_ms)
+                .fetch_optional(&mut *tx)
+                .await?;
+            match row {
+                Some(row) => {
+                    tx.commit().await?;
+                    Some((row, index))
+                }
+                None => None,
+            }
+        });
+        match changed {
+            Some((row, index)) => {
+                self.observe_index(to_u64(index));
+                row.into_instance().map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Deregisters an instance, unless its owner agent is alive (it would register it again).
+    pub async fn deregister(&self, id: &str, now_ms: i64) -> Result<Deregistered, StoreError> {
+        let Some(row) = self.instance_row(id).await? else {
+            return Ok(Deregistered::NotFound);
+        };
+        if let Some(node) = &row.node
+            && let Some(agent) = self.agent_row(node).await?
+            && agent.alive(now_ms)
+        {
+            return Ok(Deregistered::OwnedByLiveAgent { node: node.clone(), http_addr: agent.http_addr });
+        }
+        let removed: Option<i64> = with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let index: i64 = sqlx::query_scalar(BUMP_INDEX).fetch_one(&mut *tx).await?;
+            let done = sqlx::query("DELETE FROM instances WHERE id = $1").bind(id).execute(&mut *tx).await?;
+            if done.rows_affected() == 1 {
+                tx.commit().await?;
+                Some(index)
+            } else {
+                None
+            }
+        });
+        match removed {
+            Some(index) => {
+                self.observe_index(to_u64(index));
+                Ok(Deregistered::Removed)
+            }
+            None => Ok(Deregistered::NotFound),
+        }
+    }
+
+    async fn agent_row(&self, node: &str) -> Result<Option<AgentRow>, StoreError> {
+        let row = with_pool!(self, pool => sqlx::query_as(concat!("SELECT ", agent_columns!(), " FROM agents WHERE node = $1"))
+            .bind(node)
+            .fetch_optional(pool)
+            .await)?;
+        Ok(row)
+    }
+
+    /// Records an agent's announcement; only a new agent or a changed address moves the index.
+    pub async fn announce_agent(&self, node: &str, announcement: &AgentAnnouncement, now_ms: i64) -> Result<AgentInfo, StoreError> {
+        let ttl_s = announcement.ttl_s.unwrap_or(i64::from(signpost_shared::model::DEFAULT_TTL_S));
+        let lease = now_ms + ttl_s * 1000;
+        let existing = self.agent_row(node).await?;
+        let same = existing.as_ref().is_some_and(|a| {
+            a.alive(now_ms) && a.gossip_addr == announcement.gossip_addr && a.http_addr == announcement.http_addr && a.zone == announcement.zone && a.ttl_s == ttl_s
+        });
+        if same {
+            let row: Option<AgentRow> = with_pool!(self, pool => sqlx::query_as(concat!(
+                "UPDATE agents SET lease_expires_at = $2 WHERE node = $1 RETURNING ", agent_columns!()))
+                .bind(node)
+                .bind(lease)
+                .fetch_optional(pool)
+                .await)?;
+            if let Some(row) = row {
+                return Ok(row.into_info(now_ms));
+            }
+        }
+        let (row, index): (AgentRow, i64) = with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let index: i64 = sqlx::query_scalar(BUMP_INDEX).fetch_one(&mut *tx).await?;
+            let row: AgentRow = sqlx::query_as(concat!(
+                "INSERT INTO agents (node, gossip_addr, http_addr, zone, ttl_s, change_index, updated_at, lease_expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (node) DO UPDATE SET gossip_addr = excluded.gossip_addr, http_addr = excluded.http_addr, \
+                 zone = excluded.zone, ttl_s = excluded.ttl_s, change_index = excluded.change_index, \
+                 updated_at = excluded.updated_at, lease_expires_at = excluded.lease_expires_at RETURNING ", agent_columns!()))
+                .bind(node)
+                .bind(&announcement.gossip_addr)
+                .bind(&announcement.http_addr)
+                .bind(&announcement.zone)
+                .bind(ttl_s)
+                .bind(index)
+                .bind(now_ms)
+                .bind(lease)
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            (row, index)
+        });
+        self.observe_index(to_u64(index));
+        Ok(row.into_info(now_ms))
+    }
+
+    /// Every agent, by node.
+    pub async fn agents(&self, now_ms: i64) -> Result<Vec<AgentInfo>, StoreError> {
+        let rows: Vec<AgentRow> = with_pool!(self, pool => sqlx::query_as(concat!("SELECT ", agent_columns!(), " FROM agents ORDER BY node"))
+            .fetch_all(pool)
+            .await)?;
+        Ok(rows.into_iter().map(|r| r.into_info(now_ms)).collect())
+    }
+
+    /// The whole catalog. The index is read first, so the rows are at least as new as it:
+    /// a waiter never misses a change.
+    pub async fn load_catalog(&self, now_ms: i64) -> Result<CatalogData, StoreError> {
+        let (state, rows, agents): ((i64, bool), Vec<InstanceRow>, Vec<AgentRow>) = with_pool!(self, pool => {
+            let mut conn = pool.acquire().await?;
+            let state = sqlx::query_as(READ_STATE).fetch_one(&mut *conn).await?;
+            let rows = sqlx::query_as(concat!("SELECT ", instance_columns!(), " FROM instances ORDER BY service, id"))
+                .fetch_all(&mut *conn)
+                .await?;
+            let agents = sqlx::query_as(concat!("SELECT ", agent_columns!(), " FROM agents ORDER BY node"))
+                .fetch_all(&mut *conn)
+                .await?;
+            (state, rows, agents)
+        });
+        let index = to_u64(state.0);
+        self.observe_index(index);
+        Ok(CatalogData {
+            index,
+            self_preservation: state.1,
+            instances: rows.into_iter().map(InstanceRow::into_instance).collect::<Result<_, _>>()?,
+            agents: agents.into_iter().map(|a| a.into_info(now_ms)).collect(),
+        })
+    }
+
+    /// Agentless instances that declare a check.
+    pub async fn probe_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+        let rows: Vec<(String, String)> = with_pool!(self, pool => sqlx::query_as(
+            "SELECT id, check_spec FROM instances WHERE node IS NULL AND check_spec IS NOT NULL")
+            .fetch_all(pool)
+            .await)?;
+        let mut targets = Vec::with_capacity(rows.len());
+        for (id, spec) in rows {
+            match serde_json::from_str(&spec) {
+                Ok(check) => targets.push(ProbeTarget { id, check }),
+                Err(e) => tracing::warn!(instance = %id, error = %e, "skipping an unreadable stored check"),
+            }
+        }
+        Ok(targets)
+    }
+
+    /// One sweep: marks lapsed leases critical and removes those lapsed longer than the grace
+    /// period, unless too many lapsed at once (self-preservation).
+    pub async fn sweep(&self, policy: &SweepPolicy, now_ms: i64) -> Result<SweepReport, StoreError> {
+        let grace_ms = i64::try_from(policy.deregister_after.as_millis()).unwrap_or(i64::MAX);
+        let remove_before = now_ms.saturating_sub(grace_ms);
+        let (total, lapsed, unmarked, removable, agents_removable, sp_was): (i64, i64, i64, i64, i64, bool) = with_pool!(self, pool => {
+            let mut conn = pool.acquire().await?;
+            let (total, lapsed, unmarked, removable): (i64, i64, i64, i64) = sqlx::query_as(
+                "SELECT COUNT(*), \
+                 COALESCE(SUM(CASE WHEN lease_expires_at < $1 THEN 1 ELSE 0 END), 0), \
+                 COALESCE(SUM(CASE WHEN lease_expires_at < $1 AND NOT lease_expired THEN 1 ELSE 0 END), 0), \
+                 COALESCE(SUM(CASE WHEN lease_expired AND lease_expires_at < $2 THEN 1 ELSE 0 END), 0) \
+                 FROM instances")
+                .bind(now_ms)
+                .bind(remove_before)
+                .fetch_one(&mut *conn)
+                .await?;
+            let agents: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM agents WHERE lease_expires_at < $1")
+                .bind(remove_before)
+                .fetch_one(&mut *conn)
+                .await?;
+            let (_, sp): (i64, bool) = sqlx::query_as(READ_STATE).fetch_one(&mut *conn).await?;
+            (total, lapsed, unmarked, removable, agents, sp)
+        });
+        let total = to_u64(total);
+        let lapsed = to_u64(lapsed);
+        let hold = total >= policy.self_preservation_min_instances
+            && total > 0
+            && (lapsed as f64) > policy.self_preservation_threshold * (total as f64);
+        let mut report = SweepReport { total, lapsed, self_preservation: hold, ..SweepReport::default() };
+        let nothing_to_do = sp_was == hold && (hold || (unmarked == 0 && removable == 0 && agents_removable == 0));
+        if nothing_to_do {
+            return Ok(report);
+        }
+        let index: i64 = with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let index: i64 = sqlx::query_scalar(BUMP_INDEX).fetch_one(&mut *tx).await?;
+            sqlx::query("UPDATE catalog_state SET self_preservation = $1 WHERE id = 1").bind(hold).execute(&mut *tx).await?;
+            if !hold {
+                report.expired = sqlx::query_scalar(
+                    "UPDATE instances SET lease_expired = $1, change_index = $2, updated_at = $3 \
+                     WHERE lease_expires_at < $3 AND NOT lease_expired RETURNING id")
+                    .bind(true)
+                    .bind(index)
+                    .bind(now_ms)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                report.removed = sqlx::query_scalar("DELETE FROM instances WHERE lease_expired AND lease_expires_at < $1 RETURNING id")
+                    .bind(remove_before)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                report.agents_removed = sqlx::query("DELETE FROM agents WHERE lease_expires_at < $1")
+                    .bind(remove_before)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
+            tx.commit().await?;
+            index
+        });
+        self.observe_index(to_u64(index));
+        Ok(report)
+    }
+}
+
+fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or_default()
+}

@@ -1,0 +1,55 @@
+//! The lease sweeper: while this replica leads, it marks instances whose lease ran out
+//! critical and deregisters them after the grace period, unless self-preservation holds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::store::{Store, SweepPolicy};
+
+/// Sweeps every `interval` while `leader` is true, until cancelled.
+pub async fn run(store: Store, policy: SweepPolicy, interval: Duration, leader: watch::Receiver<bool>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut holding = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if !*leader.borrow() {
+            continue;
+        }
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        match store.sweep(&policy, now_ms).await {
+            Ok(report) => {
+                if report.self_preservation && !holding {
+                    tracing::warn!(
+                        lapsed = report.lapsed,
+                        total = report.total,
+                        threshold = policy.self_preservation_threshold,
+                        "self-preservation: too many leases lapsed at once; expiring none until heartbeats resume"
+                    );
+                } else if !report.self_preservation && holding {
+                    tracing::info!(lapsed = report.lapsed, total = report.total, "self-preservation ended; leases expire again");
+                }
+                holding = report.self_preservation;
+                for id in &report.expired {
+                    tracing::info!(instance = %id, "lease ran out; instance marked critical");
+                }
+                for id in &report.removed {
+                    tracing::info!(instance = %id, "instance deregistered after its lease stayed expired");
+                }
+                let result = if report.self_preservation { "self_preservation" } else { "ok" };
+                metrics.sweep(result, report.expired.len(), report.removed.len(), report.self_preservation);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "lease sweep failed");
+                metrics.sweep("error", 0, 0, holding);
+            }
+        }
+    }
+}
