@@ -230,6 +230,7 @@ pub async fn block(state: &AppState, index: Option<u64>, wait: Option<Duration>)
         return;
     }
     let wait = wait.unwrap_or(DEFAULT_WAIT).min(state.max_wait);
+    tracing::debug!(index, wait_ms = wait.as_millis() as u64, "blocking query waiting for a change");
     tokio::select! {
         _ = tokio::time::timeout(wait, changes.wait_for(|current| *current != index)) => {}
         _ = state.shutdown.cancelled() => {}
