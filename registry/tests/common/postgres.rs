@@ -62,11 +62,17 @@ impl Drop for TestDb {
 
 /// A PostgreSQL server of the test's own, in a temporary folder, on a port of its own.
 pub struct ThrowawayPostgres {
+    control: Control,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts and stops a throwaway server (blocking: call it from `spawn_blocking`).
+#[derive(Debug, Clone)]
+pub struct Control {
     bin: PathBuf,
     data: PathBuf,
     log: PathBuf,
     port: u16,
-    _dir: tempfile::TempDir,
     as_postgres_user: bool,
 }
 
@@ -82,27 +88,34 @@ impl ThrowawayPostgres {
         }
         let data = dir.path().join("data");
         let log = dir.path().join("postgres.log");
-        let server = ThrowawayPostgres { bin, data, log, port: super::free_port(), _dir: dir, as_postgres_user };
-        let data_arg = server.data.display().to_string();
-        server.run("initdb", &["-D", &data_arg, "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]);
-        server.start_server();
-        server
+        let control = Control { bin, data, log, port: super::free_port(), as_postgres_user };
+        let data_arg = control.data.display().to_string();
+        control.run("initdb", &["-D", &data_arg, "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]);
+        control.start();
+        ThrowawayPostgres { control, _dir: dir }
     }
 
     /// The URL of its `postgres` database.
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.control.port)
     }
 
+    /// A handle that starts and stops it.
+    pub fn control(&self) -> Control {
+        self.control.clone()
+    }
+}
+
+impl Control {
     /// Starts the server (again).
-    pub fn start_server(&self) {
+    pub fn start(&self) {
         let options = format!("-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off", self.port, self.data.parent().map(Path::display).map(|d| d.to_string()).unwrap_or_default());
         let (data, log) = (self.data.display().to_string(), self.log.display().to_string());
         self.run("pg_ctl", &["-D", &data, "-l", &log, "-o", &options, "-w", "-t", "60", "start"]);
     }
 
     /// Stops the server at once (connections are cut).
-    pub fn stop_server(&self) {
+    pub fn stop(&self) {
         let data = self.data.display().to_string();
         self.run("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
     }
@@ -129,9 +142,10 @@ impl ThrowawayPostgres {
 
 impl Drop for ThrowawayPostgres {
     fn drop(&mut self) {
-        let data = self.data.display().to_string();
-        let path = self.bin.join("pg_ctl");
-        let _ = if self.as_postgres_user {
+        let control = &self.control;
+        let data = control.data.display().to_string();
+        let path = control.bin.join("pg_ctl");
+        let _ = if control.as_postgres_user {
             Command::new("runuser").args(["-u", "postgres", "--"]).arg(&path).args(["-D", &data, "-m", "immediate", "stop"]).output()
         } else {
             Command::new(&path).args(["-D", &data, "-m", "immediate", "stop"]).output()
