@@ -69,9 +69,15 @@ pub enum Error {
 /// Opens the store of `config`, creating the data folder for the default SQLite file.
 pub fn open_store(config: &RegistryConfig) -> Result<Store, Error> {
     if config.database_url.is_none() {
-        config::ensure_data_dir(&config.data_dir).map_err(|source| Error::DataDir { path: config.data_dir.display().to_string(), source })?;
+        config::ensure_data_dir(&config.data_dir).map_err(|source| Error::DataDir {
+            path: config.data_dir.display().to_string(),
+            source,
+        })?;
     }
-    let options = StoreOptions { max_connections: config.db_max_connections, acquire_timeout: config.db_acquire_timeout };
+    let options = StoreOptions {
+        max_connections: config.db_max_connections,
+        acquire_timeout: config.db_acquire_timeout,
+    };
     Ok(Store::connect(&config.database_url(), &options)?)
 }
 
@@ -97,8 +103,16 @@ pub async fn migrate(store: &Store, shutdown: &CancellationToken) -> Result<bool
 
 /// Runs the registry until `shutdown` completes, then drains within the grace period.
 pub async fn run(config: RegistryConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    let listener = TcpListener::bind(config.listen).await.map_err(|source| Error::Bind { addr: config.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| Error::Bind { addr: config.listen, source })?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| Error::Bind {
+        addr: config.listen,
+        source,
+    })?;
     let store = open_store(&config)?;
     let token = CancellationToken::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -127,20 +141,64 @@ pub async fn run(config: RegistryConfig, shutdown: impl Future<Output = ()>) -> 
         self_preservation_threshold: config.self_preservation_threshold,
         self_preservation_min_instances: config.self_preservation_min_instances,
     };
-    let prober_config = ProberConfig { concurrency: config.probe_concurrency, failures_before_critical: config.probe_failures_before_critical.max(1) };
+    let prober_config = ProberConfig {
+        concurrency: config.probe_concurrency,
+        failures_before_critical: config.probe_failures_before_critical.max(1),
+    };
 
     let mut tasks: JoinSet<&'static str> = JoinSet::new();
-    let server = warp::serve(api::routes(state)).incoming(listener).graceful(token.clone().cancelled_owned());
-    tasks.spawn(async move { server.run().await }.instrument(tracing::info_span!("http")).map_name("http"));
-    tasks.spawn(leader::run(store.clone(), config.leader_check_interval, role_tx, metrics.clone(), token.clone()).instrument(tracing::info_span!("leader")).map_name("leader"));
+    let server = warp::serve(api::routes(state))
+        .incoming(listener)
+        .graceful(token.clone().cancelled_owned());
     tasks.spawn(
-        sweeper::run(store.clone(), policy, config.sweep_interval, role_rx.clone(), metrics.clone(), token.clone())
-            .instrument(tracing::info_span!("sweeper"))
-            .map_name("sweeper"),
+        async move { server.run().await }
+            .instrument(tracing::info_span!("http"))
+            .map_name("http"),
     );
-    tasks.spawn(prober::run(store.clone(), prober_config, role_rx, metrics, token.clone()).instrument(tracing::info_span!("prober")).map_name("prober"));
-    tasks.spawn(changes::listen(store.clone(), token.clone()).instrument(tracing::info_span!("listener")).map_name("listener"));
-    tasks.spawn(changes::poll(store.clone(), config.index_poll_interval, token.clone()).instrument(tracing::info_span!("poller")).map_name("poller"));
+    tasks.spawn(
+        leader::run(
+            store.clone(),
+            config.leader_check_interval,
+            role_tx,
+            metrics.clone(),
+            token.clone(),
+        )
+        .instrument(tracing::info_span!("leader"))
+        .map_name("leader"),
+    );
+    tasks.spawn(
+        sweeper::run(
+            store.clone(),
+            policy,
+            config.sweep_interval,
+            role_rx.clone(),
+            metrics.clone(),
+            token.clone(),
+        )
+        .instrument(tracing::info_span!("sweeper"))
+        .map_name("sweeper"),
+    );
+    tasks.spawn(
+        prober::run(
+            store.clone(),
+            prober_config,
+            role_rx,
+            metrics,
+            token.clone(),
+        )
+        .instrument(tracing::info_span!("prober"))
+        .map_name("prober"),
+    );
+    tasks.spawn(
+        changes::listen(store.clone(), token.clone())
+            .instrument(tracing::info_span!("listener"))
+            .map_name("listener"),
+    );
+    tasks.spawn(
+        changes::poll(store.clone(), config.index_poll_interval, token.clone())
+            .instrument(tracing::info_span!("poller"))
+            .map_name("poller"),
+    );
     tracing::info!(addr = %addr, database = if store.is_postgres() { "postgres" } else { "sqlite" }, "listening");
 
     let died = tokio::select! {

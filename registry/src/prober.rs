@@ -39,8 +39,18 @@ struct Scheduled {
 }
 
 /// Probes while `leader` is true, until cancelled.
-pub async fn run(store: Store, config: ProberConfig, leader: watch::Receiver<bool>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    let http = match reqwest::Client::builder().pool_max_idle_per_host(0).redirect(reqwest::redirect::Policy::none()).build() {
+pub async fn run(
+    store: Store,
+    config: ProberConfig,
+    leader: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let http = match reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+    {
         Ok(client) => client,
         Err(e) => {
             tracing::error!(error = %e, "cannot build the probe HTTP client; probes are off");
@@ -103,18 +113,39 @@ fn reconcile(schedule: &mut HashMap<String, Scheduled>, targets: Vec<ProbeTarget
                 entry.next_due = Instant::now();
             }
             None => {
-                let interval_ms = u64::try_from(target.check.interval.as_millis()).unwrap_or(u64::MAX).max(1);
-                let stagger = Duration::from_millis(rand::rng().random_range(0..interval_ms.min(1000)));
-                schedule.insert(target.id, Scheduled { check: target.check, next_due: Instant::now() + stagger, failures: 0, in_flight: false });
+                let interval_ms = u64::try_from(target.check.interval.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1);
+                let stagger =
+                    Duration::from_millis(rand::rng().random_range(0..interval_ms.min(1000)));
+                schedule.insert(
+                    target.id,
+                    Scheduled {
+                        check: target.check,
+                        next_due: Instant::now() + stagger,
+                        failures: 0,
+                        in_flight: false,
+                    },
+                );
             }
         }
     }
     schedule.retain(|id, _| seen.contains_key(id));
 }
 
-async fn record(store: &Store, config: &ProberConfig, metrics: &Metrics, schedule: &mut HashMap<String, Scheduled>, id: String, health: Health, output: String) {
+async fn record(
+    store: &Store,
+    config: &ProberConfig,
+    metrics: &Metrics,
+    schedule: &mut HashMap<String, Scheduled>,
+    id: String,
+    health: Health,
+    output: String,
+) {
     metrics.probe(health);
-    let Some(entry) = schedule.get_mut(&id) else { return };
+    let Some(entry) = schedule.get_mut(&id) else {
+        return;
+    };
     entry.in_flight = false;
     let now_ms = chrono::Utc::now().timestamp_millis();
     let result = if health == Health::Critical {
@@ -123,10 +154,16 @@ async fn record(store: &Store, config: &ProberConfig, metrics: &Metrics, schedul
             return;
         }
         tracing::debug!(instance = %id, output = %output, "probe failed");
-        store.record_probe_failure(&id, &output, now_ms).await.map(|_| ())
+        store
+            .record_probe_failure(&id, &output, now_ms)
+            .await
+            .map(|_| ())
     } else {
         entry.failures = 0;
-        let heartbeat = Heartbeat { health: Some(health), output: Some(output) };
+        let heartbeat = Heartbeat {
+            health: Some(health),
+            output: Some(output),
+        };
         store.heartbeat(&id, &heartbeat, now_ms).await.map(|_| ())
     };
     if let Err(e) = result {
@@ -150,17 +187,28 @@ pub async fn probe(http: &reqwest::Client, check: &CheckSpec) -> (Health, String
                 };
                 (health, format!("HTTP GET {url}: {status}"))
             }
-            Err(e) if e.is_timeout() => (Health::Critical, format!("HTTP GET {url}: timed out after {:?}", check.timeout)),
+            Err(e) if e.is_timeout() => (
+                Health::Critical,
+                format!("HTTP GET {url}: timed out after {:?}", check.timeout),
+            ),
             Err(e) => (Health::Critical, format!("HTTP GET {url}: {e}")),
         }
     } else if let Some(addr) = &check.tcp {
-        match tokio::time::timeout(check.timeout, tokio::net::TcpStream::connect(addr.as_str())).await {
+        match tokio::time::timeout(check.timeout, tokio::net::TcpStream::connect(addr.as_str()))
+            .await
+        {
             Ok(Ok(_)) => (Health::Passing, format!("TCP connect {addr}: success")),
             Ok(Err(e)) => (Health::Critical, format!("TCP connect {addr}: {e}")),
-            Err(_) => (Health::Critical, format!("TCP connect {addr}: timed out after {:?}", check.timeout)),
+            Err(_) => (
+                Health::Critical,
+                format!("TCP connect {addr}: timed out after {:?}", check.timeout),
+            ),
         }
     } else {
-        (Health::Critical, "the check names neither http nor tcp".to_string())
+        (
+            Health::Critical,
+            "the check names neither http nor tcp".to_string(),
+        )
     };
     (health, truncate(output))
 }

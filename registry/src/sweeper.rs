@@ -11,7 +11,14 @@ use crate::metrics::Metrics;
 use crate::store::{Store, SweepPolicy};
 
 /// Sweeps every `interval` while `leader` is true, until cancelled.
-pub async fn run(store: Store, policy: SweepPolicy, interval: Duration, leader: watch::Receiver<bool>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+pub async fn run(
+    store: Store,
+    policy: SweepPolicy,
+    interval: Duration,
+    leader: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut holding = false;
@@ -34,7 +41,11 @@ pub async fn run(store: Store, policy: SweepPolicy, interval: Duration, leader: 
                         "self-preservation: too many leases lapsed at once; expiring none until heartbeats resume"
                     );
                 } else if !report.self_preservation && holding {
-                    tracing::info!(lapsed = report.lapsed, total = report.total, "self-preservation ended; leases expire again");
+                    tracing::info!(
+                        lapsed = report.lapsed,
+                        total = report.total,
+                        "self-preservation ended; leases expire again"
+                    );
                 }
                 holding = report.self_preservation;
                 for id in &report.expired {
@@ -43,8 +54,17 @@ pub async fn run(store: Store, policy: SweepPolicy, interval: Duration, leader: 
                 for id in &report.removed {
                     tracing::info!(instance = %id, "instance deregistered after its lease stayed expired");
                 }
-                let result = if report.self_preservation { "self_preservation" } else { "ok" };
-                metrics.sweep(result, report.expired.len(), report.removed.len(), report.self_preservation);
+                let result = if report.self_preservation {
+                    "self_preservation"
+                } else {
+                    "ok"
+                };
+                metrics.sweep(
+                    result,
+                    report.expired.len(),
+                    report.removed.len(),
+                    report.self_preservation,
+                );
             }
             Err(e) => {
                 tracing::warn!(error = %e, "lease sweep failed");

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use signpost_shared::model::Registration;
 use signpost_shared::validate;
 use signpost_shared::wire::{Heartbeat, Maintenance};
-use warp::http::StatusCode;
 use warp::Reply as _;
+use warp::http::StatusCode;
 use warp::reply::Response;
 
 use super::error::ApiError;
@@ -21,15 +21,24 @@ fn now_ms() -> i64 {
 
 /// Refuses an id that cannot exist (400) before it reaches the database.
 fn checked_id(id: &str) -> Result<(), ApiError> {
-    validate::instance_id(id).map_err(|problem| ApiError::bad_request("invalid_id", format!("instance id: {problem}")))
+    validate::instance_id(id)
+        .map_err(|problem| ApiError::bad_request("invalid_id", format!("instance id: {problem}")))
 }
 
 /// Registers or updates an instance: 201 when new, 200 otherwise.
-pub async fn register(state: Arc<AppState>, authorization: Option<String>, body: Result<Body, ApiError>) -> Result<Response, ApiError> {
+pub async fn register(
+    state: Arc<AppState>,
+    authorization: Option<String>,
+    body: Result<Body, ApiError>,
+) -> Result<Response, ApiError> {
     state.auth.check_write(authorization.as_deref())?;
     let spec = body?.json::<Registration>()?.validate()?;
     let (instance, outcome) = state.store.register(&spec, now_ms()).await?;
-    let status = if outcome == Registered::Created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if outcome == Registered::Created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     if outcome != Registered::Renewed {
         tracing::info!(instance = %instance.id, service = %instance.service, created = outcome == Registered::Created, "registered");
     }
@@ -39,12 +48,21 @@ pub async fn register(state: Arc<AppState>, authorization: Option<String>, body:
 /// One instance, always read from the database.
 pub async fn get(state: Arc<AppState>, id: String) -> Result<Response, ApiError> {
     checked_id(&id)?;
-    let instance = state.store.instance(&id).await?.ok_or_else(|| ApiError::NotFound(format!("no instance `{id}`")))?;
+    let instance = state
+        .store
+        .instance(&id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no instance `{id}`")))?;
     Ok(json(StatusCode::OK, &instance))
 }
 
 /// Renews the lease; 404 tells the caller to register again.
-pub async fn heartbeat(state: Arc<AppState>, authorization: Option<String>, id: String, body: Result<Body, ApiError>) -> Result<Response, ApiError> {
+pub async fn heartbeat(
+    state: Arc<AppState>,
+    authorization: Option<String>,
+    id: String,
+    body: Result<Body, ApiError>,
+) -> Result<Response, ApiError> {
     state.auth.check_write(authorization.as_deref())?;
     checked_id(&id)?;
     let heartbeat: Heartbeat = body?.json_or_default()?;
@@ -58,7 +76,12 @@ pub async fn heartbeat(state: Arc<AppState>, authorization: Option<String>, id: 
 }
 
 /// Turns maintenance on or off.
-pub async fn maintenance(state: Arc<AppState>, authorization: Option<String>, id: String, body: Result<Body, ApiError>) -> Result<Response, ApiError> {
+pub async fn maintenance(
+    state: Arc<AppState>,
+    authorization: Option<String>,
+    id: String,
+    body: Result<Body, ApiError>,
+) -> Result<Response, ApiError> {
     state.auth.check_write(authorization.as_deref())?;
     checked_id(&id)?;
     let maintenance: Maintenance = body?.json()?;
@@ -73,7 +96,11 @@ pub async fn maintenance(state: Arc<AppState>, authorization: Option<String>, id
 }
 
 /// Deregisters: 204, 404, or 409 when a live agent owns the instance.
-pub async fn deregister(state: Arc<AppState>, authorization: Option<String>, id: String) -> Result<Response, ApiError> {
+pub async fn deregister(
+    state: Arc<AppState>,
+    authorization: Option<String>,
+    id: String,
+) -> Result<Response, ApiError> {
     state.auth.check_write(authorization.as_deref())?;
     checked_id(&id)?;
     match state.store.deregister(&id, now_ms()).await? {
@@ -88,5 +115,3 @@ pub async fn deregister(state: Arc<AppState>, authorization: Option<String>, id:
         ))),
     }
 }
-
-
