@@ -1,0 +1,394 @@
+//! `signpost-bench`: the load generator of Signpost's benchmarks. It runs in a process of its
+//! own and drives a registry (or the Express baseline, which answers the same routes) over
+//! HTTP/1.1 keep-alive connections. `scripts/bench-registry` runs it; docs/benchmarks.md
+//! explains what it measures.
+//!
+//! # Layout
+//! - [`fleet`]: names and bodies of the seeded and new instances
+//! - [`load`]: the closed-loop driver and the shared HTTP client
+//! - [`cpu`]: CPU used by the generator, the server and PostgreSQL (`/proc`)
+//! - [`result`]: a run's one-line summary and JSON line
+//! - [`report`]: the Markdown tables comparing two targets
+
+mod cpu;
+mod fleet;
+mod load;
+mod report;
+mod result;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use reqwest::Method;
+
+use crate::cpu::{CpuWatch, Watched};
+use crate::fleet::{Fleet, Registration};
+use crate::load::{Progress, Stop, drive, error_chain};
+use crate::report::ReportArgs;
+use crate::result::{Kind, RunResult};
+
+/// Load generator for the Signpost registry (and the Express baseline of its benchmark).
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// Runtime worker threads of the generator [default: the number of cores].
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Register the fleet: --instances instances spread over services of --per-service.
+    Seed(SeedArgs),
+    /// Registrations per second of new instances (new ids), for a duration.
+    Register(TimedArgs),
+    /// Heartbeats per second over the seeded instances, for a duration.
+    Heartbeat(TimedArgs),
+    /// Lookups per second and their latency: GET /v1/services/{name} of the seeded services.
+    Lookup(TimedArgs),
+    /// Wait until URL+PATH answers 2xx (a server that is still starting).
+    Wait(WaitArgs),
+    /// Print the Markdown tables comparing two targets from a --json-out file.
+    Report(ReportArgs),
+}
+
+/// Where to send requests and what to do with the result.
+#[derive(Debug, Args)]
+struct TargetArgs {
+    /// Base URL of the registry (or baseline).
+    #[arg(long, default_value = "http://127.0.0.1:7300")]
+    url: String,
+    /// Name of the target in results, e.g. registry or baseline.
+    #[arg(long, default_value = "registry")]
+    target: String,
+    /// Concurrent connections, each with one request in flight.
+    #[arg(long, short = 'c', default_value_t = 64)]
+    concurrency: usize,
+    /// Longest wait for one answer.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+    /// Append the result as one JSON line to this file.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+    /// Print the result as JSON instead of the one-line summary.
+    #[arg(long)]
+    json: bool,
+    /// Also measure the CPU of other processes: NAME=pid:PID or NAME=cmdline:TEXT (Linux).
+    #[arg(long = "cpu", value_name = "NAME=SPEC")]
+    cpu: Vec<Watched>,
+    /// Fail (exit 1) when more than this share of the requests fail.
+    #[arg(long, default_value_t = 0.01)]
+    max_error_rate: f64,
+}
+
+/// The seeded fleet's shape; seed, heartbeat and lookup must agree on it.
+#[derive(Debug, Args)]
+struct FleetArgs {
+    /// Seeded instances.
+    #[arg(long, default_value_t = 10_000)]
+    instances: u64,
+    /// Instances per service.
+    #[arg(long, default_value_t = 10)]
+    per_service: u64,
+    /// Start of every instance id and service name (lower case letters, digits, '-').
+    #[arg(long, default_value = "bench")]
+    prefix: String,
+    /// Lease of registered instances, long enough that none lapses during the benchmark.
+    #[arg(long, default_value_t = 3600)]
+    ttl_s: u32,
+}
+
+#[derive(Debug, Args)]
+struct SeedArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    #[command(flatten)]
+    fleet: FleetArgs,
+}
+
+#[derive(Debug, Args)]
+struct TimedArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    #[command(flatten)]
+    fleet: FleetArgs,
+    /// Counted time.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Time before counting starts (connections open, caches and JIT warm up).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Tag that makes `register`'s ids new [default: the current time in base 36].
+    #[arg(long)]
+    run_tag: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct WaitArgs {
+    /// Base URL of the server.
+    #[arg(long, default_value = "http://127.0.0.1:7300")]
+    url: String,
+    /// Path that answers 2xx once the server is ready.
+    #[arg(long, default_value = "/readyz")]
+    path: String,
+    /// Longest wait.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = cli.threads {
+        runtime.worker_threads(threads.max(1));
+    }
+    let result = runtime
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+        .and_then(|rt| rt.block_on(run(cli.command)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("signpost-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Seed(args) => seed(args).await,
+        Command::Register(args) => timed(Kind::Register, args).await,
+        Command::Heartbeat(args) => timed(Kind::Heartbeat, args).await,
+        Command::Lookup(args) => timed(Kind::Lookup, args).await,
+        Command::Wait(args) => wait(args).await,
+        Command::Report(args) => {
+            print!("{}", report::render_file(&args)?);
+            Ok(())
+        }
+    }
+}
+
+fn fleet(args: &FleetArgs) -> anyhow::Result<Fleet> {
+    let fleet = Fleet {
+        prefix: args.prefix.clone(),
+        instances: args.instances,
+        per_service: args.per_service,
+    };
+    if args.instances == 0 || args.per_service == 0 {
+        bail!("--instances and --per-service must be at least 1");
+    }
+    if !fleet::is_dns_label(&fleet.service(fleet.services())) {
+        bail!(
+            "--prefix `{}` does not make valid service names (lower case letters, digits and '-', at most 50 characters)",
+            args.prefix
+        );
+    }
+    Ok(fleet)
+}
+
+fn base_url(url: &str) -> String {
+    url.trim_end_matches('/').to_owned()
+}
+
+async fn seed(args: SeedArgs) -> anyhow::Result<()> {
+    let fleet = fleet(&args.fleet)?;
+    let t = &args.target;
+    let client = load::client(t.concurrency, t.request_timeout)?;
+    let (url, ttl_s) = (base_url(&t.url), args.fleet.ttl_s);
+    let endpoint = format!("{url}/v1/instances");
+    let progress = Progress {
+        label: format!("seed {}", t.target),
+    };
+    let request = move |client: &reqwest::Client, n: u64| {
+        client.post(&endpoint).json(&Registration::new(
+            fleet.instance_id(n),
+            fleet.service_of(n),
+            n,
+            ttl_s,
+        ))
+    };
+    let measured = drive(
+        client,
+        t.concurrency,
+        Stop::Count(args.fleet.instances),
+        Some(progress),
+        CpuWatch::new(&t.cpu),
+        request,
+    )
+    .await?;
+    // A partial fleet would make every later figure wrong: no failure is tolerated.
+    finish(Kind::Seed, t, 0.0, measured)
+}
+
+async fn timed(kind: Kind, args: TimedArgs) -> anyhow::Result<()> {
+    let fleet = fleet(&args.fleet)?;
+    let t = &args.target;
+    let client = load::client(t.concurrency, t.request_timeout)?;
+    let url = base_url(&t.url);
+    let stop = Stop::Timed {
+        warmup: args.warmup,
+        measure: args.duration,
+    };
+    let cpu = CpuWatch::new(&t.cpu);
+    let measured = match kind {
+        Kind::Heartbeat => {
+            check_seeded_instance(&client, &url, &fleet).await?;
+            let request = move |client: &reqwest::Client, n: u64| {
+                client.put(format!(
+                    "{url}/v1/instances/{}/heartbeat",
+                    fleet.instance_id(n % fleet.instances)
+                ))
+            };
+            drive(client, t.concurrency, stop, None, cpu, request).await?
+        }
+        Kind::Lookup => {
+            check_seeded_service(&client, &url, &fleet).await?;
+            let request = move |client: &reqwest::Client, n: u64| {
+                client.get(format!(
+                    "{url}/v1/services/{}",
+                    fleet.service(n % fleet.services())
+                ))
+            };
+            drive(client, t.concurrency, stop, None, cpu, request).await?
+        }
+        Kind::Register | Kind::Seed => {
+            let run = args.run_tag.clone().unwrap_or_else(fleet::run_tag);
+            if !fleet::is_dns_label(&fleet.new_service_of(&run, 9_999_999)) {
+                bail!("--run-tag `{run}` does not make valid service names");
+            }
+            let (endpoint, ttl_s) = (format!("{url}/v1/instances"), args.fleet.ttl_s);
+            let request = move |client: &reqwest::Client, n: u64| {
+                client.post(&endpoint).json(&Registration::new(
+                    fleet.new_instance_id(&run, n),
+                    fleet.new_service_of(&run, n),
+                    n,
+                    ttl_s,
+                ))
+            };
+            drive(client, t.concurrency, stop, None, cpu, request).await?
+        }
+    };
+    finish(kind, t, t.max_error_rate, measured)
+}
+
+/// Prints (and stores) the result; fails when too many requests failed.
+fn finish(
+    kind: Kind,
+    t: &TargetArgs,
+    max_error_rate: f64,
+    measured: load::Measured,
+) -> anyhow::Result<()> {
+    let result = RunResult::new(kind, &t.target, &base_url(&t.url), t.concurrency, measured);
+    if t.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!("{}", result.summary());
+    }
+    if let Some(path) = &t.json_out {
+        result.append_to(path)?;
+    }
+    if result.ok == 0 || result.error_rate() > max_error_rate {
+        bail!(
+            "{} of {} requests to {} failed ({:?}); first error: {}",
+            result.errors,
+            result.ok + result.errors,
+            result.target,
+            result.failures,
+            result.first_error.as_deref().unwrap_or("none")
+        );
+    }
+    Ok(())
+}
+
+/// A heartbeat of the first seeded instance must be answered 200: otherwise nothing was seeded.
+async fn check_seeded_instance(
+    client: &reqwest::Client,
+    url: &str,
+    fleet: &Fleet,
+) -> anyhow::Result<()> {
+    let id = fleet.instance_id(0);
+    let (status, body) = call(
+        client,
+        Method::PUT,
+        &format!("{url}/v1/instances/{id}/heartbeat"),
+    )
+    .await?;
+    if status != 200 {
+        bail!(
+            "the heartbeat of seeded instance `{id}` got HTTP {status} (run `signpost-bench seed` first): {body}"
+        );
+    }
+    Ok(())
+}
+
+/// The first seeded service must answer with all its instances healthy, so that every
+/// target is asked for the same work.
+async fn check_seeded_service(
+    client: &reqwest::Client,
+    url: &str,
+    fleet: &Fleet,
+) -> anyhow::Result<()> {
+    let service = fleet.service(0);
+    let (status, body) = call(client, Method::GET, &format!("{url}/v1/services/{service}")).await?;
+    if status != 200 {
+        bail!("GET /v1/services/{service} got HTTP {status}: {body}");
+    }
+    let answer: serde_json::Value = serde_json::from_str(&body)
+        .with_context(|| format!("GET /v1/services/{service} answered no JSON"))?;
+    let found = answer
+        .get("instances")
+        .and_then(serde_json::Value::as_array)
+        .map(Vec::len);
+    let expected = fleet.instances_in_service(0);
+    if found != Some(usize::try_from(expected)?) {
+        bail!(
+            "service `{service}` has {found:?} healthy instances, not {expected} (run `signpost-bench seed` with the same fleet first)"
+        );
+    }
+    Ok(())
+}
+
+async fn call(
+    client: &reqwest::Client,
+    method: Method,
+    url: &str,
+) -> anyhow::Result<(u16, String)> {
+    let response = client
+        .request(method, url)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("{url}: {}", error_chain(&e)))?;
+    let status = response.status().as_u16();
+    let body = response
+        .text()
+        .await
+        .map_err(|e| anyhow::anyhow!("{url}: {}", error_chain(&e)))?;
+    Ok((status, body))
+}
+
+async fn wait(args: WaitArgs) -> anyhow::Result<()> {
+    let client = load::client(1, Duration::from_secs(2))?;
+    let url = format!("{}{}", base_url(&args.url), args.path);
+    let deadline = Instant::now() + args.timeout;
+    loop {
+        let last = match call(&client, Method::GET, &url).await {
+            Ok((status, _)) if (200..300).contains(&status) => return Ok(()),
+            Ok((status, body)) => format!("HTTP {status}: {body}"),
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() >= deadline {
+            bail!(
+                "{url} was not ready within {}: {last}",
+                humantime::format_duration(args.timeout)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
