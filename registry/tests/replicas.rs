@@ -227,3 +227,63 @@ async fn the_database_stops_and_comes_back() {
     drop(db);
     drop(postgres);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_cleanly_releases_its_lock_at_once() {
+    let db = TestDb::create().await;
+    let a = replica(&db).start().await;
+    let b = replica(&db).start().await;
+    let flags = eventually("one replica leads", Duration::from_secs(10), || async {
+        let flags = leader_flags(&[&a, &b]).await;
+        (flags.iter().filter(|f| **f).count() == 1).then_some(flags)
+    })
+    .await;
+    let (mut leader, follower) = if flags[0] { (a, b) } else { (b, a) };
+    assert_eq!(leader.terminate(Duration::from_secs(10)).await, Some(0));
+    assert!(
+        leader.log_text().contains("released the leader lock"),
+        "{}",
+        leader.log_text()
+    );
+    eventually(
+        "the other replica takes over",
+        Duration::from_secs(5),
+        || async { (follower.metric("signpost_registry_leader").await == Some(1.0)).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_fails_over_to_the_next_registry() {
+    let db = TestDb::create().await;
+    let live = replica(&db).start().await;
+    // Nothing listens on the first URL.
+    let dead = format!("http://127.0.0.1:{}", common::free_port());
+    let mut config = signpost_shared::client::ClientConfig::new(vec![
+        dead.parse().expect("url"),
+        live.url().parse().expect("url"),
+    ]);
+    config.retries = 1;
+    let client = signpost_shared::client::RegistryClient::new(config).expect("client");
+    let registration: signpost_shared::Registration =
+        serde_json::from_value(instance("web-1", 300)).expect("registration");
+    let (registered, created) = client
+        .register(&registration)
+        .await
+        .expect("registered through the second URL");
+    assert!(created);
+    assert_eq!(registered.id, "web-1");
+    assert_eq!(
+        client.current_url().as_str().trim_end_matches('/'),
+        live.url(),
+        "later calls start at the registry that answered"
+    );
+    let missing = client
+        .heartbeat("nope", &Default::default())
+        .await
+        .expect_err("unknown instance");
+    assert!(
+        missing.is_not_found(),
+        "a 404 is not retried and tells the caller to register again"
+    );
+}

@@ -12,6 +12,7 @@
 pub mod client;
 pub mod config;
 pub mod duration;
+pub mod gossip;
 pub mod model;
 pub mod validate;
 pub mod wire;
