@@ -46,10 +46,7 @@ pub async fn listen(store: Store, shutdown: CancellationToken) {
             match received {
                 Ok(Some(notification)) => match notification.payload().parse::<u64>() {
                     Ok(index) => store.observe_index(index),
-                    Err(_) => tracing::warn!(
-                        payload = notification.payload(),
-                        "ignoring a malformed catalog notification"
-                    ),
+                    Err(_) => tracing::warn!(payload = notification.payload(), "ignoring a malformed catalog notification"),
                 },
                 Ok(None) => {
                     tracing::warn!("catalog listener lost its connection; reconnecting");
@@ -79,11 +76,7 @@ pub async fn poll(store: Store, interval: Duration, shutdown: CancellationToken)
         match store.refresh_index().await {
             Ok(index) if index < store.known_index() => {
                 if lower_before {
-                    tracing::warn!(
-                        index,
-                        known = store.known_index(),
-                        "the catalog index went back; the database was restored or emptied"
-                    );
+                    tracing::warn!(index, known = store.known_index(), "the catalog index went back; the database was restored or emptied");
                     store.reset_index(index);
                 }
                 lower_before = !lower_before;

@@ -109,10 +109,7 @@ impl RegistryConfig {
     pub fn database_url(&self) -> String {
         match &self.database_url {
             Some(url) => url.clone(),
-            None => format!(
-                "sqlite://{}?mode=rwc",
-                self.data_dir.join("registry.db").display()
-            ),
+            None => format!("sqlite://{}?mode=rwc", self.data_dir.join("registry.db").display()),
         }
     }
 
@@ -124,29 +121,18 @@ impl RegistryConfig {
         if let Some(path) = self.agent_token_file.take() {
             self.agent_token = Some(Secret::from_file(&path)?);
         }
-        for (name, token) in [
-            ("admin_token", &self.admin_token),
-            ("agent_token", &self.agent_token),
-        ] {
+        for (name, token) in [("admin_token", &self.admin_token), ("agent_token", &self.agent_token)] {
             if token.as_ref().is_some_and(|t| t.expose().len() < 16) {
-                return Err(ConfigError::Rule(format!(
-                    "{name} must be at least 16 characters long"
-                )));
+                return Err(ConfigError::Rule(format!("{name} must be at least 16 characters long")));
             }
         }
         if !(0.0..=1.0).contains(&self.self_preservation_threshold) {
-            return Err(ConfigError::Rule(
-                "self_preservation_threshold must be between 0.0 and 1.0".into(),
-            ));
+            return Err(ConfigError::Rule("self_preservation_threshold must be between 0.0 and 1.0".into()));
         }
         if let Some(url) = &self.database_url
-            && !(url.starts_with("postgres://")
-                || url.starts_with("postgresql://")
-                || url.starts_with("sqlite:"))
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://") || url.starts_with("sqlite:"))
         {
-            return Err(ConfigError::Rule(
-                "database_url must start with postgres://, postgresql:// or sqlite:".into(),
-            ));
+            return Err(ConfigError::Rule("database_url must start with postgres://, postgresql:// or sqlite:".into()));
         }
         let positive = [
             ("sweep_interval", self.sweep_interval),
@@ -158,10 +144,7 @@ impl RegistryConfig {
             return Err(ConfigError::Rule(format!("{name} must be more than 0")));
         }
         if self.probe_concurrency == 0 || self.db_max_connections == 0 || self.max_body_bytes == 0 {
-            return Err(ConfigError::Rule(
-                "probe_concurrency, db_max_connections and max_body_bytes must be more than 0"
-                    .into(),
-            ));
+            return Err(ConfigError::Rule("probe_concurrency, db_max_connections and max_body_bytes must be more than 0".into()));
         }
         Ok(self)
     }

@@ -18,13 +18,7 @@ use crate::store::Store;
 const LOCK_KEY: i64 = 0x5349_474e;
 
 /// Runs the election until cancelled, publishing this replica's role on `role`.
-pub async fn run(
-    store: Store,
-    interval: Duration,
-    role: watch::Sender<bool>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
+pub async fn run(store: Store, interval: Duration, role: watch::Sender<bool>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let Some(pool) = store.pg_pool().cloned() else {
         set_role(&role, &metrics, true);
         shutdown.cancelled().await;
@@ -43,8 +37,7 @@ pub async fn run(
         let check = interval.max(Duration::from_millis(500)) * 2;
         match held.as_mut() {
             Some(conn) => {
-                let alive =
-                    tokio::time::timeout(check, sqlx::query("SELECT 1").execute(&mut *conn)).await;
+                let alive = tokio::time::timeout(check, sqlx::query("SELECT 1").execute(&mut *conn)).await;
                 if !matches!(alive, Ok(Ok(_))) {
                     tracing::warn!("lost the leader lock's connection; stepping down");
                     held = None;
@@ -54,17 +47,12 @@ pub async fn run(
             None => {
                 let attempt = async {
                     let mut conn = options.connect().await?;
-                    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                        .bind(LOCK_KEY)
-                        .fetch_one(&mut conn)
-                        .await?;
+                    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(LOCK_KEY).fetch_one(&mut conn).await?;
                     Ok::<_, sqlx::Error>(got.then_some(conn))
                 };
                 match tokio::time::timeout(check, attempt).await {
                     Ok(Ok(Some(conn))) => {
-                        tracing::info!(
-                            "took the leader lock: this replica runs the sweeper and the prober"
-                        );
+                        tracing::info!("took the leader lock: this replica runs the sweeper and the prober");
                         held = Some(conn);
                         set_role(&role, &metrics, true);
                     }
@@ -76,13 +64,9 @@ pub async fn run(
         }
     }
     if let Some(mut conn) = held {
-        let released = tokio::time::timeout(
-            Duration::from_secs(2),
-            sqlx::query("SELECT pg_advisory_unlock($1)")
-                .bind(LOCK_KEY)
-                .execute(&mut conn),
-        )
-        .await;
+        let released =
+            tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT pg_advisory_unlock($1)").bind(LOCK_KEY).execute(&mut conn))
+                .await;
         if matches!(released, Ok(Ok(_))) {
             tracing::info!("released the leader lock");
         }

@@ -69,15 +69,10 @@ pub enum Error {
 /// Opens the store of `config`, creating the data folder for the default SQLite file.
 pub fn open_store(config: &RegistryConfig) -> Result<Store, Error> {
     if config.database_url.is_none() {
-        config::ensure_data_dir(&config.data_dir).map_err(|source| Error::DataDir {
-            path: config.data_dir.display().to_string(),
-            source,
-        })?;
+        config::ensure_data_dir(&config.data_dir)
+            .map_err(|source| Error::DataDir { path: config.data_dir.display().to_string(), source })?;
     }
-    let options = StoreOptions {
-        max_connections: config.db_max_connections,
-        acquire_timeout: config.db_acquire_timeout,
-    };
+    let options = StoreOptions { max_connections: config.db_max_connections, acquire_timeout: config.db_acquire_timeout };
     Ok(Store::connect(&config.database_url(), &options)?)
 }
 
@@ -103,16 +98,8 @@ pub async fn migrate(store: &Store, shutdown: &CancellationToken) -> Result<bool
 
 /// Runs the registry until `shutdown` completes, then drains within the grace period.
 pub async fn run(config: RegistryConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| Error::Bind {
-        addr: config.listen,
-        source,
-    })?;
+    let listener = TcpListener::bind(config.listen).await.map_err(|source| Error::Bind { addr: config.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| Error::Bind { addr: config.listen, source })?;
     let store = open_store(&config)?;
     let token = CancellationToken::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -141,59 +128,28 @@ pub async fn run(config: RegistryConfig, shutdown: impl Future<Output = ()>) -> 
         self_preservation_threshold: config.self_preservation_threshold,
         self_preservation_min_instances: config.self_preservation_min_instances,
     };
-    let prober_config = ProberConfig {
-        concurrency: config.probe_concurrency,
-        failures_before_critical: config.probe_failures_before_critical.max(1),
-    };
+    let prober_config =
+        ProberConfig { concurrency: config.probe_concurrency, failures_before_critical: config.probe_failures_before_critical.max(1) };
 
     let mut tasks: JoinSet<&'static str> = JoinSet::new();
-    let server = warp::serve(api::routes(state))
-        .incoming(listener)
-        .graceful(token.clone().cancelled_owned());
+    let server = warp::serve(api::routes(state)).incoming(listener).graceful(token.clone().cancelled_owned());
+    tasks.spawn(async move { server.run().await }.instrument(tracing::info_span!("http")).map_name("http"));
     tasks.spawn(
-        async move { server.run().await }
-            .instrument(tracing::info_span!("http"))
-            .map_name("http"),
+        leader::run(store.clone(), config.leader_check_interval, role_tx, metrics.clone(), token.clone())
+            .instrument(tracing::info_span!("leader"))
+            .map_name("leader"),
     );
     tasks.spawn(
-        leader::run(
-            store.clone(),
-            config.leader_check_interval,
-            role_tx,
-            metrics.clone(),
-            token.clone(),
-        )
-        .instrument(tracing::info_span!("leader"))
-        .map_name("leader"),
+        sweeper::run(store.clone(), policy, config.sweep_interval, role_rx.clone(), metrics.clone(), token.clone())
+            .instrument(tracing::info_span!("sweeper"))
+            .map_name("sweeper"),
     );
     tasks.spawn(
-        sweeper::run(
-            store.clone(),
-            policy,
-            config.sweep_interval,
-            role_rx.clone(),
-            metrics.clone(),
-            token.clone(),
-        )
-        .instrument(tracing::info_span!("sweeper"))
-        .map_name("sweeper"),
+        prober::run(store.clone(), prober_config, role_rx, metrics, token.clone())
+            .instrument(tracing::info_span!("prober"))
+            .map_name("prober"),
     );
-    tasks.spawn(
-        prober::run(
-            store.clone(),
-            prober_config,
-            role_rx,
-            metrics,
-            token.clone(),
-        )
-        .instrument(tracing::info_span!("prober"))
-        .map_name("prober"),
-    );
-    tasks.spawn(
-        changes::listen(store.clone(), token.clone())
-            .instrument(tracing::info_span!("listener"))
-            .map_name("listener"),
-    );
+    tasks.spawn(changes::listen(store.clone(), token.clone()).instrument(tracing::info_span!("listener")).map_name("listener"));
     tasks.spawn(
         changes::poll(store.clone(), config.index_poll_interval, token.clone())
             .instrument(tracing::info_span!("poller"))

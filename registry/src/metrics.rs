@@ -71,73 +71,29 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("signpost_registry");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "http_requests",
-            "HTTP requests by route, method and status",
-            requests.clone(),
-        );
+        registry.register("http_requests", "HTTP requests by route, method and status", requests.clone());
         let latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
-        registry.register(
-            "http_request_duration_seconds",
-            "HTTP request latency by route",
-            latency.clone(),
-        );
+        registry.register("http_request_duration_seconds", "HTTP request latency by route", latency.clone());
         let instances = Family::<HealthLabels, Gauge>::default();
-        registry.register(
-            "instances",
-            "Registered instances by health, as of the last catalog snapshot",
-            instances.clone(),
-        );
+        registry.register("instances", "Registered instances by health, as of the last catalog snapshot", instances.clone());
         let sweeps = Family::<ResultLabels, Counter>::default();
-        registry.register(
-            "sweeps",
-            "Lease sweeps by result (ok, self_preservation, error)",
-            sweeps.clone(),
-        );
+        registry.register("sweeps", "Lease sweeps by result (ok, self_preservation, error)", sweeps.clone());
         let leases_expired = Counter::default();
-        registry.register(
-            "leases_expired",
-            "Instances marked critical because their lease ran out",
-            leases_expired.clone(),
-        );
+        registry.register("leases_expired", "Instances marked critical because their lease ran out", leases_expired.clone());
         let instances_removed = Counter::default();
-        registry.register(
-            "instances_removed",
-            "Instances deregistered by the sweeper after the grace period",
-            instances_removed.clone(),
-        );
+        registry.register("instances_removed", "Instances deregistered by the sweeper after the grace period", instances_removed.clone());
         let self_preservation = Gauge::default();
-        registry.register(
-            "self_preservation",
-            "1 while the sweeper holds expiry back",
-            self_preservation.clone(),
-        );
+        registry.register("self_preservation", "1 while the sweeper holds expiry back", self_preservation.clone());
         let probes = Family::<ResultLabels, Counter>::default();
         registry.register("probes", "Registry-run probes by result", probes.clone());
         let leader = Gauge::default();
-        registry.register(
-            "leader",
-            "1 while this replica runs the sweeper and the prober",
-            leader.clone(),
-        );
+        registry.register("leader", "1 while this replica runs the sweeper and the prober", leader.clone());
         let pool_size = Gauge::default();
-        registry.register(
-            "db_pool_connections",
-            "Open database connections",
-            pool_size.clone(),
-        );
+        registry.register("db_pool_connections", "Open database connections", pool_size.clone());
         let pool_idle = Gauge::default();
-        registry.register(
-            "db_pool_idle_connections",
-            "Idle database connections",
-            pool_idle.clone(),
-        );
+        registry.register("db_pool_idle_connections", "Idle database connections", pool_idle.clone());
         let catalog_index = Gauge::default();
-        registry.register(
-            "catalog_index",
-            "The catalog's change index as this replica knows it",
-            catalog_index.clone(),
-        );
+        registry.register("catalog_index", "The catalog's change index as this replica knows it", catalog_index.clone());
         Metrics {
             registry,
             requests,
@@ -157,26 +113,12 @@ impl Metrics {
 
     /// Counts one answered request.
     pub fn request(&self, route: &'static str, method: &str, status: u16, elapsed: Duration) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                route,
-                method: method.to_string(),
-                status,
-            })
-            .inc();
-        self.latency
-            .get_or_create(&RouteLabels { route })
-            .observe(elapsed.as_secs_f64());
+        self.requests.get_or_create(&RequestLabels { route, method: method.to_string(), status }).inc();
+        self.latency.get_or_create(&RouteLabels { route }).observe(elapsed.as_secs_f64());
     }
 
     /// Records one sweep.
-    pub fn sweep(
-        &self,
-        result: &'static str,
-        expired: usize,
-        removed: usize,
-        self_preservation: bool,
-    ) {
+    pub fn sweep(&self, result: &'static str, expired: usize, removed: usize, self_preservation: bool) {
         self.sweeps.get_or_create(&ResultLabels { result }).inc();
         self.leases_expired.inc_by(expired as u64);
         self.instances_removed.inc_by(removed as u64);
@@ -185,11 +127,7 @@ impl Metrics {
 
     /// Records one probe.
     pub fn probe(&self, result: Health) {
-        self.probes
-            .get_or_create(&ResultLabels {
-                result: result.as_str(),
-            })
-            .inc();
+        self.probes.get_or_create(&ResultLabels { result: result.as_str() }).inc();
     }
 
     /// Records whether this replica leads.
@@ -200,15 +138,10 @@ impl Metrics {
     /// Records the counts by health of the current catalog.
     pub fn set_instances(&self, counts: &[(Health, u64)], self_preservation: bool, index: u64) {
         for (health, count) in counts {
-            self.instances
-                .get_or_create(&HealthLabels {
-                    health: health.as_str(),
-                })
-                .set(i64::try_from(*count).unwrap_or(i64::MAX));
+            self.instances.get_or_create(&HealthLabels { health: health.as_str() }).set(i64::try_from(*count).unwrap_or(i64::MAX));
         }
         self.self_preservation.set(i64::from(self_preservation));
-        self.catalog_index
-            .set(i64::try_from(index).unwrap_or(i64::MAX));
+        self.catalog_index.set(i64::try_from(index).unwrap_or(i64::MAX));
     }
 
     /// Records the database pool's state.

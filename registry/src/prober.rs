@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use rand::Rng;
 use signpost_shared::model::{CheckSpec, Health};
-use signpost_shared::validate::MAX_OUTPUT_LEN;
 use signpost_shared::wire::Heartbeat;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -39,18 +38,8 @@ struct Scheduled {
 }
 
 /// Probes while `leader` is true, until cancelled.
-pub async fn run(
-    store: Store,
-    config: ProberConfig,
-    leader: watch::Receiver<bool>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    let http = match reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-    {
+pub async fn run(store: Store, config: ProberConfig, leader: watch::Receiver<bool>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let http = match reqwest::Client::builder().pool_max_idle_per_host(0).redirect(reqwest::redirect::Policy::none()).build() {
         Ok(client) => client,
         Err(e) => {
             tracing::error!(error = %e, "cannot build the probe HTTP client; probes are off");
@@ -113,19 +102,11 @@ fn reconcile(schedule: &mut HashMap<String, Scheduled>, targets: Vec<ProbeTarget
                 entry.next_due = Instant::now();
             }
             None => {
-                let interval_ms = u64::try_from(target.check.interval.as_millis())
-                    .unwrap_or(u64::MAX)
-                    .max(1);
-                let stagger =
-                    Duration::from_millis(rand::rng().random_range(0..interval_ms.min(1000)));
+                let interval_ms = u64::try_from(target.check.interval.as_millis()).unwrap_or(u64::MAX).max(1);
+                let stagger = Duration::from_millis(rand::rng().random_range(0..interval_ms.min(1000)));
                 schedule.insert(
                     target.id,
-                    Scheduled {
-                        check: target.check,
-                        next_due: Instant::now() + stagger,
-                        failures: 0,
-                        in_flight: false,
-                    },
+                    Scheduled { check: target.check, next_due: Instant::now() + stagger, failures: 0, in_flight: false },
                 );
             }
         }
@@ -154,16 +135,10 @@ async fn record(
             return;
         }
         tracing::debug!(instance = %id, output = %output, "probe failed");
-        store
-            .record_probe_failure(&id, &output, now_ms)
-            .await
-            .map(|_| ())
+        store.record_probe_failure(&id, &output, now_ms).await.map(|_| ())
     } else {
         entry.failures = 0;
-        let heartbeat = Heartbeat {
-            health: Some(health),
-            output: Some(output),
-        };
+        let heartbeat = Heartbeat { health: Some(health), output: Some(output) };
         store.heartbeat(&id, &heartbeat, now_ms).await.map(|_| ())
     };
     if let Err(e) = result {
@@ -171,55 +146,11 @@ async fn record(
     }
 }
 
-/// Runs one check: HTTP 2xx passing, 429 warning, anything else or a timeout critical;
-/// TCP passing when a connection opens in time.
-pub async fn probe(http: &reqwest::Client, check: &CheckSpec) -> (Health, String) {
-    let (health, output) = if let Some(url) = &check.http {
-        match http.get(url).timeout(check.timeout).send().await {
-            Ok(response) => {
-                let status = response.status();
-                let health = if status.is_success() {
-                    Health::Passing
-                } else if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-                    Health::Warning
-                } else {
-                    Health::Critical
-                };
-                (health, format!("HTTP GET {url}: {status}"))
-            }
-            Err(e) if e.is_timeout() => (
-                Health::Critical,
-                format!("HTTP GET {url}: timed out after {:?}", check.timeout),
-            ),
-            Err(e) => (Health::Critical, format!("HTTP GET {url}: {e}")),
-        }
-    } else if let Some(addr) = &check.tcp {
-        match tokio::time::timeout(check.timeout, tokio::net::TcpStream::connect(addr.as_str()))
-            .await
-        {
-            Ok(Ok(_)) => (Health::Passing, format!("TCP connect {addr}: success")),
-            Ok(Err(e)) => (Health::Critical, format!("TCP connect {addr}: {e}")),
-            Err(_) => (
-                Health::Critical,
-                format!("TCP connect {addr}: timed out after {:?}", check.timeout),
-            ),
-        }
-    } else {
-        (
-            Health::Critical,
-            "the check names neither http nor tcp".to_string(),
-        )
-    };
-    (health, truncate(output))
-}
-
-fn truncate(mut text: String) -> String {
-    if text.len() > MAX_OUTPUT_LEN {
-        let mut end = MAX_OUTPUT_LEN;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
+/// Runs one check of an agentless instance.
+async fn probe(http: &reqwest::Client, check: &CheckSpec) -> (Health, String) {
+    match (&check.http, &check.tcp) {
+        (Some(url), _) => signpost_shared::probe::http(http, url, check.timeout).await,
+        (None, Some(addr)) => signpost_shared::probe::tcp(addr, check.timeout).await,
+        (None, None) => (Health::Critical, "the check names neither http nor tcp".to_string()),
     }
-    text
 }

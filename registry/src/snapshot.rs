@@ -43,10 +43,7 @@ impl Snapshot {
     fn new(data: CatalogData) -> Self {
         let mut by_service: HashMap<String, Range<usize>> = HashMap::new();
         for (i, instance) in data.instances.iter().enumerate() {
-            by_service
-                .entry(instance.service.clone())
-                .and_modify(|r| r.end = i + 1)
-                .or_insert(i..i + 1);
+            by_service.entry(instance.service.clone()).and_modify(|r| r.end = i + 1).or_insert(i..i + 1);
         }
         Snapshot {
             index: data.index,
@@ -61,10 +58,7 @@ impl Snapshot {
 
     /// The instances of one service, by id.
     pub fn service(&self, name: &str) -> &[Instance] {
-        self.by_service
-            .get(name)
-            .and_then(|r| self.instances.get(r.clone()))
-            .unwrap_or_default()
+        self.by_service.get(name).and_then(|r| self.instances.get(r.clone())).unwrap_or_default()
     }
 
     /// Every instance.
@@ -95,8 +89,7 @@ impl Snapshot {
             .into_iter()
             .map(|name| {
                 let instances = self.service(name);
-                let mut health: std::collections::BTreeMap<Health, u64> =
-                    Health::ALL.iter().map(|h| (*h, 0)).collect();
+                let mut health: std::collections::BTreeMap<Health, u64> = Health::ALL.iter().map(|h| (*h, 0)).collect();
                 for instance in instances {
                     *health.entry(instance.health).or_default() += 1;
                 }
@@ -112,15 +105,7 @@ impl Snapshot {
 
     /// Instances by health over the whole catalog.
     pub fn health_counts(&self) -> Vec<(Health, u64)> {
-        Health::ALL
-            .iter()
-            .map(|h| {
-                (
-                    *h,
-                    self.instances.iter().filter(|i| i.health == *h).count() as u64,
-                )
-            })
-            .collect()
+        Health::ALL.iter().map(|h| (*h, self.instances.iter().filter(|i| i.health == *h).count() as u64)).collect()
     }
 
     fn is_fresh(&self, wanted_index: u64, max_age: Duration) -> bool {
@@ -140,20 +125,12 @@ pub struct CatalogCache {
 impl CatalogCache {
     /// A cache over `store`; `max_age` of zero reads the database for every request.
     pub fn new(store: Store, max_age: Duration) -> Self {
-        CatalogCache {
-            store,
-            max_age,
-            current: RwLock::new(None),
-            rebuild: tokio::sync::Mutex::new(()),
-        }
+        CatalogCache { store, max_age, current: RwLock::new(None), rebuild: tokio::sync::Mutex::new(()) }
     }
 
     fn fresh(&self, wanted_index: u64) -> Option<Arc<Snapshot>> {
         let current = self.current.read().ok()?;
-        current
-            .as_ref()
-            .filter(|s| s.is_fresh(wanted_index, self.max_age))
-            .cloned()
+        current.as_ref().filter(|s| s.is_fresh(wanted_index, self.max_age)).cloned()
     }
 
     /// A snapshot at least as new as every change this replica knows of.

@@ -41,11 +41,7 @@ pub async fn run(
                         "self-preservation: too many leases lapsed at once; expiring none until heartbeats resume"
                     );
                 } else if !report.self_preservation && holding {
-                    tracing::info!(
-                        lapsed = report.lapsed,
-                        total = report.total,
-                        "self-preservation ended; leases expire again"
-                    );
+                    tracing::info!(lapsed = report.lapsed, total = report.total, "self-preservation ended; leases expire again");
                 }
                 holding = report.self_preservation;
                 for id in &report.expired {
@@ -54,17 +50,8 @@ pub async fn run(
                 for id in &report.removed {
                     tracing::info!(instance = %id, "instance deregistered after its lease stayed expired");
                 }
-                let result = if report.self_preservation {
-                    "self_preservation"
-                } else {
-                    "ok"
-                };
-                metrics.sweep(
-                    result,
-                    report.expired.len(),
-                    report.removed.len(),
-                    report.self_preservation,
-                );
+                let result = if report.self_preservation { "self_preservation" } else { "ok" };
+                metrics.sweep(result, report.expired.len(), report.removed.len(), report.self_preservation);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "lease sweep failed");

@@ -20,12 +20,7 @@ fn instance(id: &str, service: &str, port: u16) -> Value {
 }
 
 async fn post(registry: &Registry, body: &Value) -> (StatusCode, Value) {
-    let response = reqwest::Client::new()
-        .post(registry.at("/v1/instances"))
-        .json(body)
-        .send()
-        .await
-        .expect("POST");
+    let response = reqwest::Client::new().post(registry.at("/v1/instances")).json(body).send().await.expect("POST");
     let status = response.status();
     (status, response.json().await.unwrap_or(Value::Null))
 }
@@ -38,30 +33,14 @@ async fn get(registry: &Registry, path: &str) -> (StatusCode, Value) {
 
 /// Waits until the registry logged `count` blocking queries in total.
 async fn wait_until_blocked(registry: &Registry, count: usize) {
-    eventually(
-        "the blocking query is waiting",
-        Duration::from_secs(10),
-        || async {
-            (registry
-                .log_text()
-                .matches("blocking query waiting for a change")
-                .count()
-                >= count)
-                .then_some(())
-        },
-    )
+    eventually("the blocking query is waiting", Duration::from_secs(10), || async {
+        (registry.log_text().matches("blocking query waiting for a change").count() >= count).then_some(())
+    })
     .await;
 }
 
 fn ids(answer: &Value) -> Vec<String> {
-    answer["instances"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|i| i["id"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
+    answer["instances"].as_array().map(|a| a.iter().filter_map(|i| i["id"].as_str().map(str::to_string)).collect()).unwrap_or_default()
 }
 
 /// The original system's four flows: a server activates, fetches its own details, fetches
@@ -77,26 +56,16 @@ async fn the_four_flows() {
     }
     let (status, me) = get(&registry, "/v1/instances/web-1").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(
-        (me["address"].as_str(), me["port"].as_u64()),
-        (Some("10.0.0.1"), Some(8081))
-    );
+    assert_eq!((me["address"].as_str(), me["port"].as_u64()), (Some("10.0.0.1"), Some(8081)));
     let (status, others) = get(&registry, "/v1/services/web").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(ids(&others), ["web-1", "web-2", "web-3"]);
-    let response = reqwest::Client::new()
-        .delete(registry.at("/v1/instances/web-1"))
-        .send()
-        .await
-        .expect("DELETE");
+    let response = reqwest::Client::new().delete(registry.at("/v1/instances/web-1")).send().await.expect("DELETE");
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
     let (status, body) = get(&registry, "/v1/instances/web-1").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["error"], "not_found");
-    assert_eq!(
-        ids(&get(&registry, "/v1/services/web").await.1),
-        ["web-2", "web-3"]
-    );
+    assert_eq!(ids(&get(&registry, "/v1/services/web").await.1), ["web-2", "web-3"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,61 +90,21 @@ async fn update_filters_and_counts() {
     let (status, updated) = post(&registry, &a).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(updated["port"], 11);
-    assert_eq!(
-        ids(&get(&registry, "/v1/services/api").await.1),
-        ["api-a", "api-b", "api-c"]
-    );
+    assert_eq!(ids(&get(&registry, "/v1/services/api").await.1), ["api-a", "api-b", "api-c"]);
     // Tags: repeated, all must match. Zone.
-    assert_eq!(
-        ids(&get(&registry, "/v1/services/api?tag=v2").await.1),
-        ["api-a", "api-b"]
-    );
-    assert_eq!(
-        ids(&get(&registry, "/v1/services/api?tag=v2&tag=canary").await.1),
-        ["api-a"]
-    );
-    assert_eq!(
-        ids(&get(&registry, "/v1/services/api?zone=eu-1").await.1),
-        ["api-a", "api-c"]
-    );
-    assert_eq!(
-        ids(&get(&registry, "/v1/services/api?zone=eu-1&tag=v1").await.1),
-        ["api-c"]
-    );
+    assert_eq!(ids(&get(&registry, "/v1/services/api?tag=v2").await.1), ["api-a", "api-b"]);
+    assert_eq!(ids(&get(&registry, "/v1/services/api?tag=v2&tag=canary").await.1), ["api-a"]);
+    assert_eq!(ids(&get(&registry, "/v1/services/api?zone=eu-1").await.1), ["api-a", "api-c"]);
+    assert_eq!(ids(&get(&registry, "/v1/services/api?zone=eu-1&tag=v1").await.1), ["api-c"]);
     // Health: a critical instance leaves the default (healthy) answer, stays in health=any.
-    let critical = signpost_shared::wire::Heartbeat {
-        health: Some(signpost_shared::Health::Critical),
-        output: Some("down".into()),
-    };
-    client
-        .heartbeat("api-b", &critical)
-        .await
-        .expect("heartbeat");
-    assert_eq!(
-        ids(&get(&registry, "/v1/services/api").await.1),
-        ["api-a", "api-c"]
-    );
-    assert_eq!(
-        ids(&get(&registry, "/v1/services/api?health=any").await.1),
-        ["api-a", "api-b", "api-c"]
-    );
-    assert_eq!(
-        ids(&get(&registry, "/v1/services/api?health=critical").await.1),
-        ["api-b"]
-    );
+    let critical = signpost_shared::wire::Heartbeat { health: Some(signpost_shared::Health::Critical), output: Some("down".into()) };
+    client.heartbeat("api-b", &critical).await.expect("heartbeat");
+    assert_eq!(ids(&get(&registry, "/v1/services/api").await.1), ["api-a", "api-c"]);
+    assert_eq!(ids(&get(&registry, "/v1/services/api?health=any").await.1), ["api-a", "api-b", "api-c"]);
+    assert_eq!(ids(&get(&registry, "/v1/services/api?health=critical").await.1), ["api-b"]);
     // Maintenance.
-    let on = signpost_shared::wire::Maintenance {
-        enabled: true,
-        reason: Some("upgrade".into()),
-    };
-    assert_eq!(
-        client
-            .maintenance("api-c", &on)
-            .await
-            .expect("maintenance")
-            .health,
-        signpost_shared::Health::Maintenance
-    );
+    let on = signpost_shared::wire::Maintenance { enabled: true, reason: Some("upgrade".into()) };
+    assert_eq!(client.maintenance("api-c", &on).await.expect("maintenance").health, signpost_shared::Health::Maintenance);
     assert_eq!(ids(&get(&registry, "/v1/services/api").await.1), ["api-a"]);
     // Counts per service.
     let page = client.services().await.expect("services");
@@ -213,25 +142,14 @@ async fn catalog_feed_blocks_until_a_change() {
         tokio::spawn(async move {
             let started = Instant::now();
             let response = reqwest::get(url).await.expect("GET");
-            let header = response
-                .headers()
-                .get("x-signpost-index")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            (
-                started.elapsed(),
-                header,
-                response.json::<Value>().await.expect("json"),
-            )
+            let header = response.headers().get("x-signpost-index").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+            (started.elapsed(), header, response.json::<Value>().await.expect("json"))
         })
     };
     wait_until_blocked(&registry, 2).await;
     post(&registry, &instance("web-2", "web", 2)).await;
     let (elapsed, header, woke) = waiter.await.expect("waiter");
-    assert!(
-        elapsed < Duration::from_secs(10),
-        "woke on the change, not the timeout ({elapsed:?})"
-    );
+    assert!(elapsed < Duration::from_secs(10), "woke on the change, not the timeout ({elapsed:?})");
     let new_index = woke["index"].as_u64().expect("index");
     assert!(new_index > index);
     assert_eq!(header, Some(new_index));
@@ -239,23 +157,12 @@ async fn catalog_feed_blocks_until_a_change() {
 
     // An index ahead of the registry (it was reset) answers at once.
     let started = Instant::now();
-    get(
-        &registry,
-        &format!("/v1/catalog?index={}&wait=30s", new_index + 1000),
-    )
-    .await;
+    get(&registry, &format!("/v1/catalog?index={}&wait=30s", new_index + 1000)).await;
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
 /// What is sent, and the status expected: (what, method, path, content type, body, status).
-type Case<'a> = (
-    &'a str,
-    reqwest::Method,
-    &'a str,
-    Option<&'a str>,
-    Vec<u8>,
-    StatusCode,
-);
+type Case<'a> = (&'a str, reqwest::Method, &'a str, Option<&'a str>, Vec<u8>, StatusCode);
 
 /// Every kind of bad input gets a 4xx with the contract's body, and changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,30 +182,134 @@ async fn bad_input_is_refused_and_changes_nothing() {
     };
     let json_type = Some("application/json");
     let too_many_tags: Vec<String> = (0..33).map(|i| format!("t{i}")).collect();
-    let huge = format!(
-        r#"{{"id":"web-1","service":"web","address":"10.0.0.1","port":1,"tags":["{}"]}}"#,
-        "x".repeat(100_000)
-    );
+    let huge = format!(r#"{{"id":"web-1","service":"web","address":"10.0.0.1","port":1,"tags":["{}"]}}"#, "x".repeat(100_000));
     let cases: Vec<Case<'_>> = vec![
         ("malformed JSON", reqwest::Method::POST, "/v1/instances", json_type, b"{\"id\": ".to_vec(), StatusCode::BAD_REQUEST),
         ("not JSON at all", reqwest::Method::POST, "/v1/instances", json_type, b"hello".to_vec(), StatusCode::BAD_REQUEST),
-        ("wrong type", reqwest::Method::POST, "/v1/instances", json_type, br#"{"id":"web-1","service":"web","address":"10.0.0.1","port":"80"}"#.to_vec(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("missing field", reqwest::Method::POST, "/v1/instances", json_type, br#"{"id":"web-1","service":"web","port":80}"#.to_vec(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("unknown field", reqwest::Method::POST, "/v1/instances", json_type, br#"{"id":"web-1","service":"web","address":"a","port":80,"colour":"red"}"#.to_vec(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("invalid service name", reqwest::Method::POST, "/v1/instances", json_type, instance("web-1", "Web_Service", 80).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("invalid id", reqwest::Method::POST, "/v1/instances", json_type, instance("web 1/x", "web", 80).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("port 0", reqwest::Method::POST, "/v1/instances", json_type, instance("web-1", "web", 0).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("port 70000", reqwest::Method::POST, "/v1/instances", json_type, json!({"id":"web-1","service":"web","address":"10.0.0.1","port":70000}).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("too many tags", reqwest::Method::POST, "/v1/instances", json_type, json!({"id":"web-1","service":"web","address":"10.0.0.1","port":1,"tags":too_many_tags}).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("bad check", reqwest::Method::POST, "/v1/instances", json_type, json!({"id":"web-1","service":"web","address":"10.0.0.1","port":1,"check":{"http":"ftp://x","interval":"soon"}}).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY),
+        (
+            "wrong type",
+            reqwest::Method::POST,
+            "/v1/instances",
+            json_type,
+            br#"{"id":"web-1","service":"web","address":"10.0.0.1","port":"80"}"#.to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "missing field",
+            reqwest::Method::POST,
+            "/v1/instances",
+            json_type,
+            br#"{"id":"web-1","service":"web","port":80}"#.to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "unknown field",
+            reqwest::Method::POST,
+            "/v1/instances",
+            json_type,
+            br#"{"id":"web-1","service":"web","address":"a","port":80,"colour":"red"}"#.to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "invalid service name",
+            reqwest::Method::POST,
+            "/v1/instances",
+            json_type,
+            instance("web-1", "Web_Service", 80).to_string().into_bytes(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "invalid id",
+            reqwest::Method::POST,
+            "/v1/instances",
+            json_type,
+            instance("web 1/x", "web", 80).to_string().into_bytes(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "port 0",
+            reqwest::Method::POST,
+            "/v1/instances",
+            json_type,
+            instance("web-1", "web", 0).to_string().into_bytes(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "port 70000",
+            reqwest::Method::POST,
+            "/v1/instances",
+            json_type,
+            json!({"id":"web-1","service":"web","address":"10.0.0.1","port":70000}).to_string().into_bytes(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "too many tags",
+            reqwest::Method::POST,
+            "/v1/instances",
+            json_type,
+            json!({"id":"web-1","service":"web","address":"10.0.0.1","port":1,"tags":too_many_tags}).to_string().into_bytes(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "bad check",
+            reqwest::Method::POST,
+            "/v1/instances",
+            json_type,
+            json!({"id":"web-1","service":"web","address":"10.0.0.1","port":1,"check":{"http":"ftp://x","interval":"soon"}})
+                .to_string()
+                .into_bytes(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
         ("oversized body", reqwest::Method::POST, "/v1/instances", json_type, huge.into_bytes(), StatusCode::PAYLOAD_TOO_LARGE),
-        ("wrong content type", reqwest::Method::POST, "/v1/instances", Some("text/plain"), instance("web-1", "web", 1).to_string().into_bytes(), StatusCode::UNSUPPORTED_MEDIA_TYPE),
-        ("no content type", reqwest::Method::POST, "/v1/instances", None, instance("web-1", "web", 1).to_string().into_bytes(), StatusCode::UNSUPPORTED_MEDIA_TYPE),
+        (
+            "wrong content type",
+            reqwest::Method::POST,
+            "/v1/instances",
+            Some("text/plain"),
+            instance("web-1", "web", 1).to_string().into_bytes(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "no content type",
+            reqwest::Method::POST,
+            "/v1/instances",
+            None,
+            instance("web-1", "web", 1).to_string().into_bytes(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
         ("heartbeat of an unknown id", reqwest::Method::PUT, "/v1/instances/nope/heartbeat", None, vec![], StatusCode::NOT_FOUND),
-        ("heartbeat with a bad health", reqwest::Method::PUT, "/v1/instances/web-1/heartbeat", json_type, br#"{"health":"fine"}"#.to_vec(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("heartbeat setting maintenance", reqwest::Method::PUT, "/v1/instances/web-1/heartbeat", json_type, br#"{"health":"maintenance"}"#.to_vec(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("maintenance without body", reqwest::Method::PUT, "/v1/instances/web-1/maintenance", None, vec![], StatusCode::UNSUPPORTED_MEDIA_TYPE),
-        ("maintenance of an unknown id", reqwest::Method::PUT, "/v1/instances/nope/maintenance", json_type, br#"{"enabled":true}"#.to_vec(), StatusCode::NOT_FOUND),
+        (
+            "heartbeat with a bad health",
+            reqwest::Method::PUT,
+            "/v1/instances/web-1/heartbeat",
+            json_type,
+            br#"{"health":"fine"}"#.to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "heartbeat setting maintenance",
+            reqwest::Method::PUT,
+            "/v1/instances/web-1/heartbeat",
+            json_type,
+            br#"{"health":"maintenance"}"#.to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "maintenance without body",
+            reqwest::Method::PUT,
+            "/v1/instances/web-1/maintenance",
+            None,
+            vec![],
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "maintenance of an unknown id",
+            reqwest::Method::PUT,
+            "/v1/instances/nope/maintenance",
+            json_type,
+            br#"{"enabled":true}"#.to_vec(),
+            StatusCode::NOT_FOUND,
+        ),
         ("delete of an unknown id", reqwest::Method::DELETE, "/v1/instances/nope", None, vec![], StatusCode::NOT_FOUND),
         ("get of an unknown id", reqwest::Method::GET, "/v1/instances/nope", None, vec![], StatusCode::NOT_FOUND),
         ("get of an invalid id", reqwest::Method::GET, "/v1/instances/a%20b", None, vec![], StatusCode::BAD_REQUEST),
@@ -306,60 +317,44 @@ async fn bad_input_is_refused_and_changes_nothing() {
         ("unknown query parameter", reqwest::Method::GET, "/v1/services/web?helth=any", None, vec![], StatusCode::BAD_REQUEST),
         ("bad index", reqwest::Method::GET, "/v1/catalog?index=-3", None, vec![], StatusCode::BAD_REQUEST),
         ("bad wait", reqwest::Method::GET, "/v1/catalog?index=1&wait=forever", None, vec![], StatusCode::BAD_REQUEST),
-        ("agent with bad addresses", reqwest::Method::PUT, "/v1/agents/node-1", json_type, br#"{"gossip_addr":"nowhere","http_addr":"10.0.0.1:0"}"#.to_vec(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("agent with a bad node name", reqwest::Method::PUT, "/v1/agents/no%20de", json_type, br#"{"gossip_addr":"10.0.0.1:7302","http_addr":"10.0.0.1:7301"}"#.to_vec(), StatusCode::BAD_REQUEST),
+        (
+            "agent with bad addresses",
+            reqwest::Method::PUT,
+            "/v1/agents/node-1",
+            json_type,
+            br#"{"gossip_addr":"nowhere","http_addr":"10.0.0.1:0"}"#.to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "agent with a bad node name",
+            reqwest::Method::PUT,
+            "/v1/agents/no%20de",
+            json_type,
+            br#"{"gossip_addr":"10.0.0.1:7302","http_addr":"10.0.0.1:7301"}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
         ("unknown path", reqwest::Method::GET, "/v2/everything", None, vec![], StatusCode::NOT_FOUND),
         ("wrong method", reqwest::Method::PATCH, "/v1/instances/web-1", None, vec![], StatusCode::METHOD_NOT_ALLOWED),
     ];
     for (what, method, path, content_type, body, expected) in cases {
-        let response = send(method, path, content_type, body)
-            .await
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let response = send(method, path, content_type, body).await.unwrap_or_else(|e| panic!("{what}: {e}"));
         let status = response.status();
-        let body: Value = response
-            .json()
-            .await
-            .unwrap_or_else(|e| panic!("{what}: the error body is not JSON: {e}"));
+        let body: Value = response.json().await.unwrap_or_else(|e| panic!("{what}: the error body is not JSON: {e}"));
         assert_eq!(status, expected, "{what}: {body}");
-        assert!(
-            body["error"].is_string() && body["message"].is_string(),
-            "{what}: contract body expected, got {body}"
-        );
+        assert!(body["error"].is_string() && body["message"].is_string(), "{what}: contract body expected, got {body}");
     }
     // The field of a wrongly typed value is named.
-    let (_, body) = post(
-        &registry,
-        &json!({"id":"web-1","service":"web","address":"10.0.0.1","port":"80"}),
-    )
-    .await;
+    let (_, body) = post(&registry, &json!({"id":"web-1","service":"web","address":"10.0.0.1","port":"80"})).await;
     assert_eq!(body["problems"][0]["field"], "port", "{body}");
     // Every problem is reported, not only the first.
-    let (_, body) = post(
-        &registry,
-        &json!({"id":"bad id","service":"Bad","address":"10.0.0.1","port":0}),
-    )
-    .await;
-    let fields: Vec<&str> = body["problems"]
-        .as_array()
-        .expect("problems")
-        .iter()
-        .filter_map(|p| p["field"].as_str())
-        .collect();
+    let (_, body) = post(&registry, &json!({"id":"bad id","service":"Bad","address":"10.0.0.1","port":0})).await;
+    let fields: Vec<&str> = body["problems"].as_array().expect("problems").iter().filter_map(|p| p["field"].as_str()).collect();
     assert_eq!(fields, ["id", "service", "port"]);
 
     let after = get(&registry, "/v1/catalog").await.1;
-    assert_eq!(
-        after["index"], before["index"],
-        "no refused request moved the index"
-    );
-    assert_eq!(
-        after["instances"], before["instances"],
-        "no refused request changed what is stored"
-    );
-    assert!(
-        !registry.log_text().contains("panicked"),
-        "no task panicked"
-    );
+    assert_eq!(after["index"], before["index"], "no refused request moved the index");
+    assert_eq!(after["instances"], before["instances"], "no refused request changed what is stored");
+    assert!(!registry.log_text().contains("panicked"), "no task panicked");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -367,16 +362,10 @@ async fn writes_need_a_token_when_one_is_configured() {
     let db = TestDb::create().await;
     let admin = "admin-0123456789abcdef";
     let agent = "agent-0123456789abcdef";
-    let registry = RegistryBuilder::new(Some(&db.url))
-        .flag("admin-token", admin)
-        .flag("agent-token", agent)
-        .start()
-        .await;
+    let registry = RegistryBuilder::new(Some(&db.url)).flag("admin-token", admin).flag("agent-token", agent).start().await;
     let client = reqwest::Client::new();
     let register = |token: Option<&str>, id: &str| {
-        let mut request = client
-            .post(registry.at("/v1/instances"))
-            .json(&instance(id, "web", 1));
+        let mut request = client.post(registry.at("/v1/instances")).json(&instance(id, "web", 1));
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
@@ -384,40 +373,15 @@ async fn writes_need_a_token_when_one_is_configured() {
     };
     let missing = register(None, "web-1").await.expect("POST");
     assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(
-        missing.json::<Value>().await.expect("json")["error"],
-        "unauthorized"
-    );
-    assert_eq!(
-        register(Some("wrong-token-0123456789"), "web-1")
-            .await
-            .expect("POST")
-            .status(),
-        StatusCode::FORBIDDEN
-    );
-    assert_eq!(
-        register(Some(admin), "web-1").await.expect("POST").status(),
-        StatusCode::CREATED
-    );
-    assert_eq!(
-        register(Some(agent), "web-2").await.expect("POST").status(),
-        StatusCode::CREATED
-    );
-    let delete = client
-        .delete(registry.at("/v1/instances/web-1"))
-        .send()
-        .await
-        .expect("DELETE");
+    assert_eq!(missing.json::<Value>().await.expect("json")["error"], "unauthorized");
+    assert_eq!(register(Some("wrong-token-0123456789"), "web-1").await.expect("POST").status(), StatusCode::FORBIDDEN);
+    assert_eq!(register(Some(admin), "web-1").await.expect("POST").status(), StatusCode::CREATED);
+    assert_eq!(register(Some(agent), "web-2").await.expect("POST").status(), StatusCode::CREATED);
+    let delete = client.delete(registry.at("/v1/instances/web-1")).send().await.expect("DELETE");
     assert_eq!(delete.status(), StatusCode::UNAUTHORIZED);
     // Reads stay open.
-    assert_eq!(
-        ids(&get(&registry, "/v1/services/web").await.1),
-        ["web-1", "web-2"]
-    );
-    assert!(
-        !registry.log_text().contains(admin) && !registry.log_text().contains(agent),
-        "tokens never reach the log"
-    );
+    assert_eq!(ids(&get(&registry, "/v1/services/web").await.1), ["web-1", "web-2"]);
+    assert!(!registry.log_text().contains(admin) && !registry.log_text().contains(agent), "tokens never reach the log");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -436,42 +400,23 @@ async fn a_live_agents_instance_cannot_be_deleted_behind_its_back() {
     let (_, agents) = get(&registry, "/v1/agents").await;
     assert_eq!(agents["agents"][0]["node"], "node-a");
     assert_eq!(agents["agents"][0]["alive"], true);
-    let response = reqwest::Client::new()
-        .delete(registry.at("/v1/instances/web-1"))
-        .send()
-        .await
-        .expect("DELETE");
+    let response = reqwest::Client::new().delete(registry.at("/v1/instances/web-1")).send().await.expect("DELETE");
     assert_eq!(response.status(), StatusCode::CONFLICT);
     let body: Value = response.json().await.expect("json");
-    assert!(
-        body["message"]
-            .as_str()
-            .expect("message")
-            .contains("10.0.0.5:7301"),
-        "{body}"
-    );
-    assert_eq!(
-        get(&registry, "/v1/instances/web-1").await.0,
-        StatusCode::OK
-    );
+    assert!(body["message"].as_str().expect("message").contains("10.0.0.5:7301"), "{body}");
+    assert_eq!(get(&registry, "/v1/instances/web-1").await.0, StatusCode::OK);
+    // The owner itself may remove it.
+    let response = reqwest::Client::new().delete(registry.at("/v1/instances/web-1?node=node-a")).send().await.expect("DELETE");
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_configuration_serves_from_an_sqlite_file() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let registry = RegistryBuilder::new(None)
-        .cwd(dir.path().to_path_buf())
-        .start()
-        .await;
-    assert_eq!(
-        post(&registry, &instance("web-1", "web", 1)).await.0,
-        StatusCode::CREATED
-    );
+    let registry = RegistryBuilder::new(None).cwd(dir.path().to_path_buf()).start().await;
+    assert_eq!(post(&registry, &instance("web-1", "web", 1)).await.0, StatusCode::CREATED);
     assert_eq!(ids(&get(&registry, "/v1/services/web").await.1), ["web-1"]);
-    assert!(
-        dir.path().join("signpost-data/registry.db").exists(),
-        "the database lives in ./signpost-data"
-    );
+    assert!(dir.path().join("signpost-data/registry.db").exists(), "the database lives in ./signpost-data");
     assert_eq!(get(&registry, "/readyz").await.0, StatusCode::OK);
 }
 
@@ -481,12 +426,7 @@ async fn ops_endpoints_answer() {
     post(&registry, &instance("web-1", "web", 1)).await;
     assert_eq!(get(&registry, "/healthz").await.0, StatusCode::OK);
     assert_eq!(get(&registry, "/readyz").await.0, StatusCode::OK);
-    let metrics = reqwest::get(registry.at("/metrics"))
-        .await
-        .expect("GET")
-        .text()
-        .await
-        .expect("text");
+    let metrics = reqwest::get(registry.at("/metrics")).await.expect("GET").text().await.expect("text");
     for needle in [
         "signpost_registry_http_requests_total{route=\"/v1/instances\",method=\"POST\",status=\"201\"} 1",
         "signpost_registry_http_request_duration_seconds_bucket",
@@ -495,10 +435,7 @@ async fn ops_endpoints_answer() {
         "signpost_registry_db_pool_connections",
         "signpost_registry_self_preservation 0",
     ] {
-        assert!(
-            metrics.contains(needle),
-            "missing `{needle}` in:\n{metrics}"
-        );
+        assert!(metrics.contains(needle), "missing `{needle}` in:\n{metrics}");
     }
 }
 
@@ -507,22 +444,14 @@ async fn sigterm_drains_blocking_queries_and_exits_cleanly() {
     let (_db, mut registry) = start().await;
     let (_, catalog) = get(&registry, "/v1/catalog").await;
     let index = catalog["index"].as_u64().expect("index");
-    let waiter = tokio::spawn(reqwest::get(
-        registry.at(&format!("/v1/catalog?index={index}&wait=60s")),
-    ));
+    let waiter = tokio::spawn(reqwest::get(registry.at(&format!("/v1/catalog?index={index}&wait=60s"))));
     wait_until_blocked(&registry, 1).await;
     let code = registry.terminate(Duration::from_secs(10)).await;
     assert_eq!(code, Some(0), "exited cleanly within the grace period");
-    let answer = waiter
-        .await
-        .expect("join")
-        .expect("the blocked query was answered, not cut");
+    let answer = waiter.await.expect("join").expect("the blocked query was answered, not cut");
     assert_eq!(answer.status(), StatusCode::OK);
     let log = registry.log_text();
-    assert!(
-        log.contains("shutting down") && log.contains("stopped"),
-        "{log}"
-    );
+    assert!(log.contains("shutting down") && log.contains("stopped"), "{log}");
 }
 
 #[tokio::test]
@@ -537,10 +466,7 @@ async fn invalid_configuration_exits_64_with_a_message() {
         .expect("run");
     assert_eq!(output.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("Invalid configuration") && stderr.contains("sweep_interval"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("Invalid configuration") && stderr.contains("sweep_interval"), "{stderr}");
     std::fs::write(&config, "colour = \"red\"\n").expect("write");
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_signpost-registry"))
         .args(["--config", &config.display().to_string()])
@@ -548,15 +474,10 @@ async fn invalid_configuration_exits_64_with_a_message() {
         .expect("run");
     assert_eq!(output.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&output.stderr).contains("colour"));
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_signpost-registry"))
-        .args(["--admin-token", "short"])
-        .output()
-        .expect("run");
+    let output =
+        std::process::Command::new(env!("CARGO_BIN_EXE_signpost-registry")).args(["--admin-token", "short"]).output().expect("run");
     assert_eq!(output.status.code(), Some(64));
-    let help = std::process::Command::new(env!("CARGO_BIN_EXE_signpost-registry"))
-        .arg("--help")
-        .output()
-        .expect("run");
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_signpost-registry")).arg("--help").output().expect("run");
     let help = String::from_utf8_lossy(&help.stdout);
     for flag in [
         "--listen",

@@ -28,13 +28,7 @@ fn instance(id: &str, ttl_s: u64) -> Value {
 }
 
 async fn register(registry: &Registry, body: &Value) -> StatusCode {
-    reqwest::Client::new()
-        .post(registry.at("/v1/instances"))
-        .json(body)
-        .send()
-        .await
-        .map(|r| r.status())
-        .unwrap_or(StatusCode::BAD_GATEWAY)
+    reqwest::Client::new().post(registry.at("/v1/instances")).json(body).send().await.map(|r| r.status()).unwrap_or(StatusCode::BAD_GATEWAY)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,68 +38,33 @@ async fn two_replicas_share_writes_feeds_and_the_sweeper() {
     let b = replica(&db).start().await;
 
     // A write through one is seen through the other.
-    assert_eq!(
-        register(&a, &instance("web-1", 300)).await,
-        StatusCode::CREATED
-    );
-    let seen: Value = reqwest::get(b.at("/v1/instances/web-1"))
-        .await
-        .expect("GET")
-        .json()
-        .await
-        .expect("json");
+    assert_eq!(register(&a, &instance("web-1", 300)).await, StatusCode::CREATED);
+    let seen: Value = reqwest::get(b.at("/v1/instances/web-1")).await.expect("GET").json().await.expect("json");
     assert_eq!(seen["id"], "web-1");
-    eventually(
-        "B's lookup shows A's write",
-        Duration::from_secs(5),
-        || async {
-            let page: Value = reqwest::get(b.at("/v1/services/web"))
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            (page["instances"].as_array()?.len() == 1).then_some(())
-        },
-    )
+    eventually("B's lookup shows A's write", Duration::from_secs(5), || async {
+        let page: Value = reqwest::get(b.at("/v1/services/web")).await.ok()?.json().await.ok()?;
+        (page["instances"].as_array()?.len() == 1).then_some(())
+    })
     .await;
 
     // A blocked catalog query on B wakes on a write through A.
-    let catalog: Value = reqwest::get(b.at("/v1/catalog"))
-        .await
-        .expect("GET")
-        .json()
-        .await
-        .expect("json");
+    let catalog: Value = reqwest::get(b.at("/v1/catalog")).await.expect("GET").json().await.expect("json");
     let index = catalog["index"].as_u64().expect("index");
     let waiter = {
         let url = b.at(&format!("/v1/catalog?index={index}&wait=30s"));
         tokio::spawn(async move {
             let started = Instant::now();
-            let page: Value = reqwest::get(url)
-                .await
-                .expect("GET")
-                .json()
-                .await
-                .expect("json");
+            let page: Value = reqwest::get(url).await.expect("GET").json().await.expect("json");
             (started.elapsed(), page)
         })
     };
     eventually("B's query is blocked", Duration::from_secs(10), || async {
-        b.log_text()
-            .contains("blocking query waiting for a change")
-            .then_some(())
+        b.log_text().contains("blocking query waiting for a change").then_some(())
     })
     .await;
-    assert_eq!(
-        register(&a, &instance("web-2", 300)).await,
-        StatusCode::CREATED
-    );
+    assert_eq!(register(&a, &instance("web-2", 300)).await, StatusCode::CREATED);
     let (elapsed, page) = waiter.await.expect("waiter");
-    assert!(
-        elapsed < Duration::from_secs(10),
-        "woke by A's write through NOTIFY, not by the timeout ({elapsed:?})"
-    );
+    assert!(elapsed < Duration::from_secs(10), "woke by A's write through NOTIFY, not by the timeout ({elapsed:?})");
     assert!(page["index"].as_u64().expect("index") > index);
     assert_eq!(page["instances"].as_array().map(Vec::len), Some(2));
 
@@ -117,112 +76,55 @@ async fn two_replicas_share_writes_feeds_and_the_sweeper() {
     .await;
     let (mut leader, follower) = if flags[0] { (a, b) } else { (b, a) };
     leader.kill();
-    eventually(
-        "the other replica takes over",
-        Duration::from_secs(10),
-        || async { (follower.metric("signpost_registry_leader").await == Some(1.0)).then_some(()) },
-    )
+    eventually("the other replica takes over", Duration::from_secs(10), || async {
+        (follower.metric("signpost_registry_leader").await == Some(1.0)).then_some(())
+    })
     .await;
     for i in 0..5 {
         register(&follower, &instance(&format!("steady-{i}"), 300)).await;
     }
-    assert_eq!(
-        register(&follower, &instance("short", 1)).await,
-        StatusCode::CREATED
-    );
-    eventually(
-        "the new leader's sweeper expires a lapsed lease",
-        Duration::from_secs(10),
-        || async {
-            let body: Value = reqwest::get(follower.at("/v1/instances/short"))
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            (body["health"] == "critical").then_some(())
-        },
-    )
+    assert_eq!(register(&follower, &instance("short", 1)).await, StatusCode::CREATED);
+    eventually("the new leader's sweeper expires a lapsed lease", Duration::from_secs(10), || async {
+        let body: Value = reqwest::get(follower.at("/v1/instances/short")).await.ok()?.json().await.ok()?;
+        (body["health"] == "critical").then_some(())
+    })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_stops_and_comes_back() {
-    let postgres = tokio::task::spawn_blocking(ThrowawayPostgres::start)
-        .await
-        .expect("start PostgreSQL");
+    let postgres = tokio::task::spawn_blocking(ThrowawayPostgres::start).await.expect("start PostgreSQL");
     let db = TestDb::create_on(&postgres.url()).await;
-    let registry = RegistryBuilder::new(Some(&db.url))
-        .flag("db-acquire-timeout", "1s")
-        .flag("read-cache-max-age", "200ms")
-        .start()
-        .await;
-    assert_eq!(
-        register(&registry, &instance("web-1", 300)).await,
-        StatusCode::CREATED
-    );
+    let registry = RegistryBuilder::new(Some(&db.url)).flag("db-acquire-timeout", "1s").flag("read-cache-max-age", "200ms").start().await;
+    assert_eq!(register(&registry, &instance("web-1", 300)).await, StatusCode::CREATED);
 
     let control = postgres.control();
-    tokio::task::spawn_blocking(move || control.stop())
-        .await
-        .expect("stop PostgreSQL");
+    tokio::task::spawn_blocking(move || control.stop()).await.expect("stop PostgreSQL");
     eventually("readyz answers 503", Duration::from_secs(15), || async {
         let response = reqwest::get(registry.at("/readyz")).await.ok()?;
         (response.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(())
     })
     .await;
-    let refused = reqwest::Client::new()
-        .post(registry.at("/v1/instances"))
-        .json(&instance("web-2", 300))
-        .send()
-        .await
-        .expect("POST");
+    let refused = reqwest::Client::new().post(registry.at("/v1/instances")).json(&instance("web-2", 300)).send().await.expect("POST");
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
     let body: Value = refused.json().await.expect("json");
     assert_eq!(body["error"], "unavailable");
-    assert_eq!(
-        reqwest::get(registry.at("/healthz"))
-            .await
-            .expect("GET")
-            .status(),
-        StatusCode::OK,
-        "the process itself is alive"
-    );
+    assert_eq!(reqwest::get(registry.at("/healthz")).await.expect("GET").status(), StatusCode::OK, "the process itself is alive");
 
     let control = postgres.control();
-    tokio::task::spawn_blocking(move || control.start())
-        .await
-        .expect("start PostgreSQL again");
-    eventually(
-        "readyz recovers without a restart",
-        Duration::from_secs(30),
-        || async {
-            let response = reqwest::get(registry.at("/readyz")).await.ok()?;
-            (response.status() == StatusCode::OK).then_some(())
-        },
-    )
+    tokio::task::spawn_blocking(move || control.start()).await.expect("start PostgreSQL again");
+    eventually("readyz recovers without a restart", Duration::from_secs(30), || async {
+        let response = reqwest::get(registry.at("/readyz")).await.ok()?;
+        (response.status() == StatusCode::OK).then_some(())
+    })
     .await;
     eventually("writes work again", Duration::from_secs(30), || async {
         (register(&registry, &instance("web-2", 300)).await == StatusCode::CREATED).then_some(())
     })
     .await;
-    let page: Value = reqwest::get(registry.at("/v1/services/web"))
-        .await
-        .expect("GET")
-        .json()
-        .await
-        .expect("json");
-    let ids: Vec<&str> = page["instances"]
-        .as_array()
-        .expect("instances")
-        .iter()
-        .filter_map(|i| i["id"].as_str())
-        .collect();
-    assert_eq!(
-        ids,
-        ["web-1", "web-2"],
-        "nothing stored before the outage was lost"
-    );
+    let page: Value = reqwest::get(registry.at("/v1/services/web")).await.expect("GET").json().await.expect("json");
+    let ids: Vec<&str> = page["instances"].as_array().expect("instances").iter().filter_map(|i| i["id"].as_str()).collect();
+    assert_eq!(ids, ["web-1", "web-2"], "nothing stored before the outage was lost");
     drop(registry);
     drop(db);
     drop(postgres);
@@ -240,16 +142,10 @@ async fn a_leader_stopped_cleanly_releases_its_lock_at_once() {
     .await;
     let (mut leader, follower) = if flags[0] { (a, b) } else { (b, a) };
     assert_eq!(leader.terminate(Duration::from_secs(10)).await, Some(0));
-    assert!(
-        leader.log_text().contains("released the leader lock"),
-        "{}",
-        leader.log_text()
-    );
-    eventually(
-        "the other replica takes over",
-        Duration::from_secs(5),
-        || async { (follower.metric("signpost_registry_leader").await == Some(1.0)).then_some(()) },
-    )
+    assert!(leader.log_text().contains("released the leader lock"), "{}", leader.log_text());
+    eventually("the other replica takes over", Duration::from_secs(5), || async {
+        (follower.metric("signpost_registry_leader").await == Some(1.0)).then_some(())
+    })
     .await;
 }
 
@@ -259,31 +155,14 @@ async fn the_client_fails_over_to_the_next_registry() {
     let live = replica(&db).start().await;
     // Nothing listens on the first URL.
     let dead = format!("http://127.0.0.1:{}", common::free_port());
-    let mut config = signpost_shared::client::ClientConfig::new(vec![
-        dead.parse().expect("url"),
-        live.url().parse().expect("url"),
-    ]);
+    let mut config = signpost_shared::client::ClientConfig::new(vec![dead.parse().expect("url"), live.url().parse().expect("url")]);
     config.retries = 1;
     let client = signpost_shared::client::RegistryClient::new(config).expect("client");
-    let registration: signpost_shared::Registration =
-        serde_json::from_value(instance("web-1", 300)).expect("registration");
-    let (registered, created) = client
-        .register(&registration)
-        .await
-        .expect("registered through the second URL");
+    let registration: signpost_shared::Registration = serde_json::from_value(instance("web-1", 300)).expect("registration");
+    let (registered, created) = client.register(&registration).await.expect("registered through the second URL");
     assert!(created);
     assert_eq!(registered.id, "web-1");
-    assert_eq!(
-        client.current_url().as_str().trim_end_matches('/'),
-        live.url(),
-        "later calls start at the registry that answered"
-    );
-    let missing = client
-        .heartbeat("nope", &Default::default())
-        .await
-        .expect_err("unknown instance");
-    assert!(
-        missing.is_not_found(),
-        "a 404 is not retried and tells the caller to register again"
-    );
+    assert_eq!(client.current_url().as_str().trim_end_matches('/'), live.url(), "later calls start at the registry that answered");
+    let missing = client.heartbeat("nope", &Default::default()).await.expect_err("unknown instance");
+    assert!(missing.is_not_found(), "a 404 is not retried and tells the caller to register again");
 }

@@ -16,8 +16,7 @@ use url::Url;
 use crate::config::Secret;
 use crate::model::{Instance, Registration};
 use crate::wire::{
-    AgentAnnouncement, AgentInfo, AgentsPage, CatalogPage, ErrorBody, Heartbeat, Maintenance,
-    ServiceInstances, ServicesPage,
+    AgentAnnouncement, AgentInfo, AgentsPage, CatalogPage, ErrorBody, Heartbeat, Maintenance, ServiceInstances, ServicesPage,
 };
 
 /// How a [`RegistryClient`] talks to the registry.
@@ -150,11 +149,7 @@ impl RegistryClient {
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| ClientError::Build(e.to_string()))?;
-        Ok(RegistryClient {
-            http,
-            config: Arc::new(config),
-            preferred: Arc::new(AtomicUsize::new(0)),
-        })
+        Ok(RegistryClient { http, config: Arc::new(config), preferred: Arc::new(AtomicUsize::new(0)) })
     }
 
     /// The URL of the registry that answered last.
@@ -164,104 +159,51 @@ impl RegistryClient {
     }
 
     /// `POST /v1/instances`: returns the instance and whether it was new.
-    pub async fn register(
-        &self,
-        registration: &Registration,
-    ) -> Result<(Instance, bool), ClientError> {
-        let (status, instance) = self
-            .json(
-                Method::POST,
-                &["v1", "instances"],
-                vec![],
-                Some(registration),
-            )
-            .await?;
+    pub async fn register(&self, registration: &Registration) -> Result<(Instance, bool), ClientError> {
+        let (status, instance) = self.json(Method::POST, &["v1", "instances"], vec![], Some(registration)).await?;
         Ok((instance, status == StatusCode::CREATED))
     }
 
     /// `GET /v1/instances/{id}`.
     pub async fn instance(&self, id: &str) -> Result<Instance, ClientError> {
-        self.json(Method::GET, &["v1", "instances", id], vec![], None::<&()>)
-            .await
-            .map(|(_, i)| i)
+        self.json(Method::GET, &["v1", "instances", id], vec![], None::<&()>).await.map(|(_, i)| i)
     }
 
     /// `PUT /v1/instances/{id}/heartbeat`; a 404 means: register again.
-    pub async fn heartbeat(
-        &self,
-        id: &str,
-        heartbeat: &Heartbeat,
-    ) -> Result<Instance, ClientError> {
-        self.json(
-            Method::PUT,
-            &["v1", "instances", id, "heartbeat"],
-            vec![],
-            Some(heartbeat),
-        )
-        .await
-        .map(|(_, i)| i)
+    pub async fn heartbeat(&self, id: &str, heartbeat: &Heartbeat) -> Result<Instance, ClientError> {
+        self.json(Method::PUT, &["v1", "instances", id, "heartbeat"], vec![], Some(heartbeat)).await.map(|(_, i)| i)
     }
 
     /// `PUT /v1/instances/{id}/maintenance`.
-    pub async fn maintenance(
-        &self,
-        id: &str,
-        maintenance: &Maintenance,
-    ) -> Result<Instance, ClientError> {
-        self.json(
-            Method::PUT,
-            &["v1", "instances", id, "maintenance"],
-            vec![],
-            Some(maintenance),
-        )
-        .await
-        .map(|(_, i)| i)
+    pub async fn maintenance(&self, id: &str, maintenance: &Maintenance) -> Result<Instance, ClientError> {
+        self.json(Method::PUT, &["v1", "instances", id, "maintenance"], vec![], Some(maintenance)).await.map(|(_, i)| i)
     }
 
     /// `DELETE /v1/instances/{id}`.
-    pub async fn deregister(&self, id: &str) -> Result<(), ClientError> {
-        let call = Call {
-            method: Method::DELETE,
-            segments: &["v1", "instances", id],
-            query: vec![],
-            body: None,
-            timeout: self.config.timeout,
-        };
+    /// `owner` names the calling agent, which may remove its own instances while it is alive.
+    pub async fn deregister(&self, id: &str, owner: Option<&str>) -> Result<(), ClientError> {
+        let query = owner.map(|node| vec![("node", node.to_string())]).unwrap_or_default();
+        let call = Call { method: Method::DELETE, segments: &["v1", "instances", id], query, body: None, timeout: self.config.timeout };
         self.send(call).await.map(|_| ())
     }
 
     /// `GET /v1/services`.
     pub async fn services(&self) -> Result<ServicesPage, ClientError> {
-        self.json(Method::GET, &["v1", "services"], vec![], None::<&()>)
-            .await
-            .map(|(_, p)| p)
+        self.json(Method::GET, &["v1", "services"], vec![], None::<&()>).await.map(|(_, p)| p)
     }
 
     /// `GET /v1/services/{name}` with filters.
-    pub async fn service(
-        &self,
-        name: &str,
-        query: &ServiceQuery,
-    ) -> Result<ServiceInstances, ClientError> {
-        let mut params = vec![(
-            "health",
-            if query.any_health { "any" } else { "healthy" }.to_string(),
-        )];
+    pub async fn service(&self, name: &str, query: &ServiceQuery) -> Result<ServiceInstances, ClientError> {
+        let mut params = vec![("health", if query.any_health { "any" } else { "healthy" }.to_string())];
         params.extend(query.tags.iter().map(|t| ("tag", t.clone())));
         if let Some(zone) = &query.zone {
             params.push(("zone", zone.clone()));
         }
-        self.json(Method::GET, &["v1", "services", name], params, None::<&()>)
-            .await
-            .map(|(_, p)| p)
+        self.json(Method::GET, &["v1", "services", name], params, None::<&()>).await.map(|(_, p)| p)
     }
 
     /// `GET /v1/catalog`, blocking until the index passes `index` or `wait` ends.
-    pub async fn catalog(
-        &self,
-        index: Option<u64>,
-        wait: Option<Duration>,
-    ) -> Result<CatalogPage, ClientError> {
+    pub async fn catalog(&self, index: Option<u64>, wait: Option<Duration>) -> Result<CatalogPage, ClientError> {
         let mut query = Vec::new();
         if let Some(index) = index {
             query.push(("index", index.to_string()));
@@ -271,38 +213,19 @@ impl RegistryClient {
             query.push(("wait", format!("{}ms", wait.as_millis())));
             timeout += wait;
         }
-        let call = Call {
-            method: Method::GET,
-            segments: &["v1", "catalog"],
-            query,
-            body: None,
-            timeout,
-        };
+        let call = Call { method: Method::GET, segments: &["v1", "catalog"], query, body: None, timeout };
         let (url, _, bytes) = self.send(call).await?;
         decode(&url, &bytes)
     }
 
     /// `PUT /v1/agents/{node}`.
-    pub async fn announce(
-        &self,
-        node: &str,
-        announcement: &AgentAnnouncement,
-    ) -> Result<AgentInfo, ClientError> {
-        self.json(
-            Method::PUT,
-            &["v1", "agents", node],
-            vec![],
-            Some(announcement),
-        )
-        .await
-        .map(|(_, a)| a)
+    pub async fn announce(&self, node: &str, announcement: &AgentAnnouncement) -> Result<AgentInfo, ClientError> {
+        self.json(Method::PUT, &["v1", "agents", node], vec![], Some(announcement)).await.map(|(_, a)| a)
     }
 
     /// `GET /v1/agents`.
     pub async fn agents(&self) -> Result<AgentsPage, ClientError> {
-        self.json(Method::GET, &["v1", "agents"], vec![], None::<&()>)
-            .await
-            .map(|(_, p)| p)
+        self.json(Method::GET, &["v1", "agents"], vec![], None::<&()>).await.map(|(_, p)| p)
     }
 
     async fn json<B: Serialize, T: DeserializeOwned>(
@@ -312,42 +235,25 @@ impl RegistryClient {
         query: Vec<(&'static str, String)>,
         body: Option<&B>,
     ) -> Result<(StatusCode, T), ClientError> {
-        let body = body
-            .map(serde_json::to_vec)
-            .transpose()
-            .map_err(|e| ClientError::Build(format!("cannot encode the request body: {e}")))?;
-        let call = Call {
-            method,
-            segments,
-            query,
-            body,
-            timeout: self.config.timeout,
-        };
+        let body =
+            body.map(serde_json::to_vec).transpose().map_err(|e| ClientError::Build(format!("cannot encode the request body: {e}")))?;
+        let call = Call { method, segments, query, body, timeout: self.config.timeout };
         let (url, status, bytes) = self.send(call).await?;
         Ok((status, decode(&url, &bytes)?))
     }
 
     /// Sends `call`, failing over between URLs and retrying with back-off.
-    async fn send(
-        &self,
-        call: Call<'_>,
-    ) -> Result<(String, StatusCode, bytes::Bytes), ClientError> {
+    async fn send(&self, call: Call<'_>) -> Result<(String, StatusCode, bytes::Bytes), ClientError> {
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.config.min_backoff)
             .with_max_delay(self.config.max_backoff)
             .with_max_times(self.config.retries)
             .with_jitter();
-        (|| self.send_once_everywhere(&call))
-            .retry(backoff)
-            .when(ClientError::is_retryable)
-            .await
+        (|| self.send_once_everywhere(&call)).retry(backoff).when(ClientError::is_retryable).await
     }
 
     /// One try at every URL, starting with the preferred one.
-    async fn send_once_everywhere(
-        &self,
-        call: &Call<'_>,
-    ) -> Result<(String, StatusCode, bytes::Bytes), ClientError> {
+    async fn send_once_everywhere(&self, call: &Call<'_>) -> Result<(String, StatusCode, bytes::Bytes), ClientError> {
         let urls = &self.config.urls;
         let start = self.preferred.load(Ordering::Relaxed);
         let mut last = None;
@@ -368,20 +274,13 @@ impl RegistryClient {
         Err(last.unwrap_or_else(|| ClientError::Build("no registry URL given".into())))
     }
 
-    async fn send_to(
-        &self,
-        base: &Url,
-        call: &Call<'_>,
-    ) -> Result<(String, StatusCode, bytes::Bytes), ClientError> {
+    async fn send_to(&self, base: &Url, call: &Call<'_>) -> Result<(String, StatusCode, bytes::Bytes), ClientError> {
         let mut url = base.clone();
         url.path_segments_mut()
             .map_err(|()| ClientError::Build(format!("{base} cannot be a base URL")))?
             .pop_if_empty()
             .extend(call.segments);
-        let mut request = self
-            .http
-            .request(call.method.clone(), url.clone())
-            .timeout(call.timeout);
+        let mut request = self.http.request(call.method.clone(), url.clone()).timeout(call.timeout);
         if !call.query.is_empty() {
             request = request.query(&call.query);
         }
@@ -389,15 +288,10 @@ impl RegistryClient {
             request = request.bearer_auth(token.expose());
         }
         if let Some(body) = &call.body {
-            request = request
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.clone());
+            request = request.header(reqwest::header::CONTENT_TYPE, "application/json").body(body.clone());
         }
         let url_text = url.to_string();
-        let unreachable = |source| ClientError::Unreachable {
-            url: url_text.clone(),
-            source,
-        };
+        let unreachable = |source| ClientError::Unreachable { url: url_text.clone(), source };
         let response = request.send().await.map_err(unreachable)?;
         let status = response.status();
         let bytes = response.bytes().await.map_err(unreachable)?;
@@ -414,8 +308,5 @@ impl RegistryClient {
 }
 
 fn decode<T: DeserializeOwned>(url: &str, bytes: &[u8]) -> Result<T, ClientError> {
-    serde_json::from_slice(bytes).map_err(|e| ClientError::Decode {
-        url: url.to_string(),
-        reason: e.to_string(),
-    })
+    serde_json::from_slice(bytes).map_err(|e| ClientError::Decode { url: url.to_string(), reason: e.to_string() })
 }

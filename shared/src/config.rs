@@ -37,32 +37,21 @@ pub enum ConfigError {
 
 /// Builds the layered configuration. `flags` should skip unset options (serialize `None` as
 /// absent), so that a flag only overrides what it names.
-pub fn figment<D: Serialize, F: Serialize>(
-    defaults: &D,
-    file: Option<&Path>,
-    flags: &F,
-) -> Result<Figment, ConfigError> {
+pub fn figment<D: Serialize, F: Serialize>(defaults: &D, file: Option<&Path>, flags: &F) -> Result<Figment, ConfigError> {
     let known = top_level_keys(defaults);
     let mut figment = Figment::from(Serialized::defaults(defaults));
     if let Some(path) = file {
         // Toml::file ignores a missing file; a named file that is missing is an error.
-        std::fs::metadata(path).map_err(|source| ConfigError::File {
-            path: path.display().to_string(),
-            source,
-        })?;
+        std::fs::metadata(path).map_err(|source| ConfigError::File { path: path.display().to_string(), source })?;
         figment = figment.merge(Toml::file(path));
     }
-    let env = Env::prefixed(ENV_PREFIX)
-        .split("__")
-        .filter(move |key| known.contains(key.as_str().split('.').next().unwrap_or_default()));
+    let env = Env::prefixed(ENV_PREFIX).split("__").filter(move |key| known.contains(key.as_str().split('.').next().unwrap_or_default()));
     Ok(figment.merge(env).merge(Serialized::defaults(flags)))
 }
 
 /// Extracts the configuration, naming the key and source of a bad value.
 pub fn extract<T: DeserializeOwned>(figment: &Figment) -> Result<T, ConfigError> {
-    figment
-        .extract()
-        .map_err(|e| ConfigError::Invalid(Box::new(e)))
+    figment.extract().map_err(|e| ConfigError::Invalid(Box::new(e)))
 }
 
 /// The keys a configuration has, so that the environment layer only reads variables meant
@@ -92,16 +81,10 @@ impl Secret {
 
     /// Reads a secret from a file, trimming the trailing newline.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File { path: path.display().to_string(), source })?;
         let value = text.trim_end_matches(['\n', '\r']).to_string();
         if value.is_empty() {
-            return Err(ConfigError::Rule(format!(
-                "secret file {} is empty",
-                path.display()
-            )));
+            return Err(ConfigError::Rule(format!("secret file {} is empty", path.display())));
         }
         Ok(Secret(value))
     }
@@ -146,29 +129,18 @@ mod tests {
     }
 
     fn defaults() -> Conf {
-        Conf {
-            listen: "127.0.0.1:1".into(),
-            interval: std::time::Duration::from_secs(1),
-            token: None,
-        }
+        Conf { listen: "127.0.0.1:1".into(), interval: std::time::Duration::from_secs(1), token: None }
     }
 
     #[test]
     fn layers_apply_in_order() {
         let mut file = tempfile::NamedTempFile::new().expect("temp file");
         writeln!(file, "listen = \"0.0.0.0:2\"\ninterval = \"500ms\"").expect("write");
-        let conf: Conf = extract(
-            &figment(&defaults(), Some(file.path()), &Flags { listen: None }).expect("figment"),
-        )
-        .expect("valid");
+        let conf: Conf = extract(&figment(&defaults(), Some(file.path()), &Flags { listen: None }).expect("figment")).expect("valid");
         assert_eq!(conf.listen, "0.0.0.0:2");
         assert_eq!(conf.interval, std::time::Duration::from_millis(500));
-        let flags = Flags {
-            listen: Some("0.0.0.0:3".into()),
-        };
-        let conf: Conf =
-            extract(&figment(&defaults(), Some(file.path()), &flags).expect("figment"))
-                .expect("valid");
+        let flags = Flags { listen: Some("0.0.0.0:3".into()) };
+        let conf: Conf = extract(&figment(&defaults(), Some(file.path()), &flags).expect("figment")).expect("valid");
         assert_eq!(conf.listen, "0.0.0.0:3");
     }
 
@@ -176,27 +148,20 @@ mod tests {
     fn bad_values_name_their_key() {
         let mut file = tempfile::NamedTempFile::new().expect("temp file");
         writeln!(file, "interval = \"soon\"").expect("write");
-        let err = extract::<Conf>(
-            &figment(&defaults(), Some(file.path()), &Flags { listen: None }).expect("figment"),
-        )
-        .expect_err("soon is not a duration");
+        let err = extract::<Conf>(&figment(&defaults(), Some(file.path()), &Flags { listen: None }).expect("figment"))
+            .expect_err("soon is not a duration");
         assert!(err.to_string().contains("interval"), "{err}");
         let mut file = tempfile::NamedTempFile::new().expect("temp file");
         writeln!(file, "colour = 1").expect("write");
-        let err = extract::<Conf>(
-            &figment(&defaults(), Some(file.path()), &Flags { listen: None }).expect("figment"),
-        )
-        .expect_err("unknown key");
+        let err =
+            extract::<Conf>(&figment(&defaults(), Some(file.path()), &Flags { listen: None }).expect("figment")).expect_err("unknown key");
         assert!(err.to_string().contains("colour"), "{err}");
     }
 
     #[test]
     fn missing_file_is_an_error() {
         let missing = Path::new("/nonexistent/signpost.toml");
-        assert!(matches!(
-            figment(&defaults(), Some(missing), &Flags { listen: None }),
-            Err(ConfigError::File { .. })
-        ));
+        assert!(matches!(figment(&defaults(), Some(missing), &Flags { listen: None }), Err(ConfigError::File { .. })));
     }
 
     #[test]

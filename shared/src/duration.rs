@@ -6,8 +6,7 @@ use serde::{Deserialize, Deserializer, Serializer};
 
 /// Parses `500ms`, `2s`, `1m`, `1h 30m`.
 pub fn parse(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|e| format!("`{text}` is not a duration ({e}); write e.g. 500ms, 2s, 1m"))
+    humantime::parse_duration(text.trim()).map_err(|e| format!("`{text}` is not a duration ({e}); write e.g. 500ms, 2s, 1m"))
 }
 
 /// Formats a duration the way [`parse`] reads it back (`1m 30s`, `500ms`).
@@ -33,10 +32,7 @@ pub mod option {
     use serde::{Deserialize, Deserializer, Serializer};
 
     /// Serializes `Some(d)` as its text and `None` as null.
-    pub fn serialize<S: Serializer>(
-        value: &Option<Duration>,
-        serializer: S,
-    ) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(value: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
         match value {
             Some(duration) => serializer.serialize_str(&super::format(*duration)),
             None => serializer.serialize_none(),
@@ -44,12 +40,8 @@ pub mod option {
     }
 
     /// Reads a duration's text or null.
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Option<Duration>, D::Error> {
-        Option::<String>::deserialize(deserializer)?
-            .map(|text| super::parse(&text).map_err(serde::de::Error::custom))
-            .transpose()
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+        Option::<String>::deserialize(deserializer)?.map(|text| super::parse(&text).map_err(serde::de::Error::custom)).transpose()
     }
 }
 
@@ -68,11 +60,7 @@ mod tests {
 
     #[test]
     fn format_round_trips() {
-        for d in [
-            Duration::from_millis(500),
-            Duration::from_secs(90),
-            Duration::from_secs(3600),
-        ] {
+        for d in [Duration::from_millis(500), Duration::from_secs(90), Duration::from_secs(3600)] {
             assert_eq!(parse(&format(d)), Ok(d));
         }
     }

@@ -94,15 +94,11 @@ pub fn encode<T: Serialize>(value: &T) -> Result<String, GossipError> {
     Ok(text)
 }
 
-fn decode<T: serde::de::DeserializeOwned>(
-    text: &str,
-    version: impl Fn(&T) -> u32,
-) -> Result<T, GossipError> {
+fn decode<T: serde::de::DeserializeOwned>(text: &str, version: impl Fn(&T) -> u32) -> Result<T, GossipError> {
     if text.len() > MAX_VALUE_BYTES {
         return Err(GossipError::TooLarge(text.len()));
     }
-    let value: T =
-        serde_json::from_str(text).map_err(|e| GossipError::Unreadable(e.to_string()))?;
+    let value: T = serde_json::from_str(text).map_err(|e| GossipError::Unreadable(e.to_string()))?;
     match version(&value) {
         FORMAT_VERSION => Ok(value),
         other => Err(GossipError::Version(other)),
@@ -153,10 +149,7 @@ impl GossipInstance {
         while !output.is_char_boundary(end) {
             end -= 1;
         }
-        output[..end]
-            .chars()
-            .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
-            .collect()
+        output[..end].chars().filter(|c| !c.is_control() || *c == '\n' || *c == '\t').collect()
     }
 }
 
@@ -188,47 +181,23 @@ mod tests {
     fn round_trips() {
         let text = encode(&instance()).expect("encode");
         assert_eq!(GossipInstance::decode("web-1", &text), Ok(instance()));
-        let agent = AgentValue {
-            v: FORMAT_VERSION,
-            http: "127.0.0.1:7301".into(),
-            zone: Some("eu-1".into()),
-        };
-        assert_eq!(
-            AgentValue::decode(&encode(&agent).expect("encode")),
-            Ok(agent)
-        );
+        let agent = AgentValue { v: FORMAT_VERSION, http: "127.0.0.1:7301".into(), zone: Some("eu-1".into()) };
+        assert_eq!(AgentValue::decode(&encode(&agent).expect("encode")), Ok(agent));
     }
 
     #[test]
     fn refuses_bad_values() {
-        assert!(matches!(
-            GossipInstance::decode("web-1", "{not json"),
-            Err(GossipError::Unreadable(_))
-        ));
+        assert!(matches!(GossipInstance::decode("web-1", "{not json"), Err(GossipError::Unreadable(_))));
         let mut bad = instance();
         bad.service = "Not A Label".into();
-        assert!(matches!(
-            GossipInstance::decode("web-1", &encode(&bad).expect("encode")),
-            Err(GossipError::Invalid(_))
-        ));
-        assert!(matches!(
-            GossipInstance::decode("bad id!", &encode(&instance()).expect("encode")),
-            Err(GossipError::Invalid(_))
-        ));
+        assert!(matches!(GossipInstance::decode("web-1", &encode(&bad).expect("encode")), Err(GossipError::Invalid(_))));
+        assert!(matches!(GossipInstance::decode("bad id!", &encode(&instance()).expect("encode")), Err(GossipError::Invalid(_))));
         let mut future = instance();
         future.v = 2;
-        assert!(matches!(
-            GossipInstance::decode("web-1", &encode(&future).expect("encode")),
-            Err(GossipError::Version(2))
-        ));
-        assert!(matches!(
-            GossipInstance::decode("web-1", &"x".repeat(MAX_VALUE_BYTES + 1)),
-            Err(GossipError::TooLarge(_))
-        ));
+        assert!(matches!(GossipInstance::decode("web-1", &encode(&future).expect("encode")), Err(GossipError::Version(2))));
+        assert!(matches!(GossipInstance::decode("web-1", &"x".repeat(MAX_VALUE_BYTES + 1)), Err(GossipError::TooLarge(_))));
         let mut huge = instance();
-        huge.meta = (0..32)
-            .map(|i| (format!("k{i}"), "v".repeat(500)))
-            .collect();
+        huge.meta = (0..32).map(|i| (format!("k{i}"), "v".repeat(500))).collect();
         assert!(matches!(encode(&huge), Err(GossipError::TooLarge(_))));
     }
 

@@ -37,12 +37,7 @@ pub enum Health {
 
 impl Health {
     /// Every value, in the order answers list them.
-    pub const ALL: [Health; 4] = [
-        Health::Passing,
-        Health::Warning,
-        Health::Critical,
-        Health::Maintenance,
-    ];
+    pub const ALL: [Health; 4] = [Health::Passing, Health::Warning, Health::Critical, Health::Maintenance];
 
     /// True for `passing` and `warning`.
     pub fn is_healthy(self) -> bool {
@@ -73,12 +68,7 @@ impl FromStr for Health {
         Health::ALL
             .into_iter()
             .find(|h| h.as_str() == s)
-            .ok_or_else(|| {
-                format!(
-                    "`{}` is not a health: passing, warning, critical or maintenance",
-                    validate::clip(s)
-                )
-            })
+            .ok_or_else(|| format!("`{}` is not a health: passing, warning, critical or maintenance", validate::clip(s)))
     }
 }
 
@@ -123,22 +113,15 @@ impl CheckSpec {
             errors.add(format!("{field}.interval"), "must be between 100ms and 1h");
         }
         if self.timeout.is_zero() || self.timeout > self.interval {
-            errors.add(
-                format!("{field}.timeout"),
-                "must be more than 0 and at most the interval",
-            );
+            errors.add(format!("{field}.timeout"), "must be more than 0 and at most the interval");
         }
     }
 }
 
 fn http_url(value: &str) -> Result<(), String> {
-    let url = url::Url::parse(value)
-        .map_err(|e| format!("`{}` is not a URL: {e}", validate::clip(value)))?;
+    let url = url::Url::parse(value).map_err(|e| format!("`{}` is not a URL: {e}", validate::clip(value)))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(format!(
-            "`{}` must be an http:// or https:// URL with a host",
-            validate::clip(value)
-        ));
+        return Err(format!("`{}` must be an http:// or https:// URL with a host", validate::clip(value)));
     }
     Ok(())
 }
@@ -147,10 +130,7 @@ fn http_url(value: &str) -> Result<(), String> {
 pub fn host_port(value: &str) -> Result<(), String> {
     let bad = || format!("`{}` is not host:port", validate::clip(value));
     let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
     validate::address(host)?;
     let port: i64 = port.parse().map_err(|_| bad())?;
     validate::port(port).map(|_| ())
@@ -231,59 +211,28 @@ impl Registration {
         errors.check("id", validate::instance_id(&self.id));
         errors.check("service", validate::dns_label(&self.service));
         errors.check("address", validate::address(&self.address));
-        let port = validate::port(self.port)
-            .map_err(|p| errors.add("port", p))
-            .unwrap_or(0);
+        let port = validate::port(self.port).map_err(|p| errors.add("port", p)).unwrap_or(0);
         if self.tags.len() > validate::MAX_TAGS {
-            errors.add(
-                "tags",
-                format!(
-                    "{} tags given; at most {} are allowed",
-                    self.tags.len(),
-                    validate::MAX_TAGS
-                ),
-            );
+            errors.add("tags", format!("{} tags given; at most {} are allowed", self.tags.len(), validate::MAX_TAGS));
         }
         for (i, tag) in self.tags.iter().enumerate() {
-            errors.check(
-                format!("tags[{i}]"),
-                validate::text(tag, validate::MAX_TAG_LEN, false),
-            );
+            errors.check(format!("tags[{i}]"), validate::text(tag, validate::MAX_TAG_LEN, false));
         }
         if self.meta.len() > validate::MAX_META {
-            errors.add(
-                "meta",
-                format!(
-                    "{} pairs given; at most {} are allowed",
-                    self.meta.len(),
-                    validate::MAX_META
-                ),
-            );
+            errors.add("meta", format!("{} pairs given; at most {} are allowed", self.meta.len(), validate::MAX_META));
         }
         for (key, value) in &self.meta {
-            errors.check(
-                format!("meta.{}", validate::clip(key)),
-                validate::meta_key(key),
-            );
-            errors.check(
-                format!("meta.{}", validate::clip(key)),
-                validate::text(value, validate::MAX_META_VALUE_LEN, true),
-            );
+            errors.check(format!("meta.{}", validate::clip(key)), validate::meta_key(key));
+            errors.check(format!("meta.{}", validate::clip(key)), validate::text(value, validate::MAX_META_VALUE_LEN, true));
         }
         let weight = self.weight.unwrap_or(i64::from(DEFAULT_WEIGHT));
-        errors.check(
-            "weight",
-            validate::in_range(weight, 1, i64::from(MAX_WEIGHT)),
-        );
+        errors.check("weight", validate::in_range(weight, 1, i64::from(MAX_WEIGHT)));
         if let Some(zone) = &self.zone {
             errors.check("zone", validate::dns_label(zone));
         }
         let health = self.health.unwrap_or(Health::Passing);
         if health == Health::Maintenance {
-            errors.add(
-                "health",
-                "maintenance is set with PUT /v1/instances/{id}/maintenance, not at registration",
-            );
+            errors.add("health", "maintenance is set with PUT /v1/instances/{id}/maintenance, not at registration");
         }
         if let Some(node) = &self.node {
             errors.check("node", validate::node_name(node));
@@ -297,7 +246,13 @@ impl Registration {
         if let (None, Some(check)) = (&self.node, &self.check)
             && (ttl_s as f64) < 2.0 * check.interval.as_secs_f64()
         {
-            errors.add("ttl_s", format!("must be at least twice the check interval ({}) for an instance without an agent", crate::duration::format(check.interval)));
+            errors.add(
+                "ttl_s",
+                format!(
+                    "must be at least twice the check interval ({}) for an instance without an agent",
+                    crate::duration::format(check.interval)
+                ),
+            );
         }
         let spec = InstanceSpec {
             id: self.id,
@@ -415,36 +370,17 @@ mod tests {
         r.port = 70_000;
         r.tags = vec!["x".into(); 33];
         r.weight = Some(0);
-        r.check = Some(CheckSpec {
-            http: Some("ftp://x".into()),
-            tcp: None,
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_secs(5),
-        });
+        r.check =
+            Some(CheckSpec { http: Some("ftp://x".into()), tcp: None, interval: Duration::from_secs(1), timeout: Duration::from_secs(5) });
         let errors = r.validate().expect_err("invalid");
         let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
-        assert_eq!(
-            fields,
-            [
-                "service",
-                "port",
-                "tags",
-                "weight",
-                "check.http",
-                "check.timeout"
-            ]
-        );
+        assert_eq!(fields, ["service", "port", "tags", "weight", "check.http", "check.timeout"]);
     }
 
     #[test]
     fn check_needs_exactly_one_target() {
         let mut errors = ValidationErrors::default();
-        let spec = CheckSpec {
-            http: None,
-            tcp: None,
-            interval: Duration::from_secs(10),
-            timeout: Duration::from_secs(1),
-        };
+        let spec = CheckSpec { http: None, tcp: None, interval: Duration::from_secs(10), timeout: Duration::from_secs(1) };
         spec.validate_into("check", &mut errors);
         assert_eq!(errors.0.len(), 1);
         assert!(host_port("127.0.0.1:80").is_ok());

@@ -40,10 +40,7 @@ pub struct ValidationErrors(pub Vec<FieldError>);
 impl ValidationErrors {
     /// Records a problem with `field`.
     pub fn add(&mut self, field: impl Into<String>, problem: impl Into<String>) {
-        self.0.push(FieldError {
-            field: field.into(),
-            problem: problem.into(),
-        });
+        self.0.push(FieldError { field: field.into(), problem: problem.into() });
     }
 
     /// Records the outcome of a rule for `field`.
@@ -55,11 +52,7 @@ impl ValidationErrors {
 
     /// `Ok(value)` when nothing was recorded.
     pub fn into_result<T>(self, value: T) -> Result<T, ValidationErrors> {
-        if self.0.is_empty() {
-            Ok(value)
-        } else {
-            Err(self)
-        }
+        if self.0.is_empty() { Ok(value) } else { Err(self) }
     }
 
     /// True when no problem was recorded.
@@ -70,11 +63,7 @@ impl ValidationErrors {
 
 impl fmt::Display for ValidationErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let parts: Vec<String> = self
-            .0
-            .iter()
-            .map(|e| format!("{}: {}", e.field, e.problem))
-            .collect();
+        let parts: Vec<String> = self.0.iter().map(|e| format!("{}: {}", e.field, e.problem)).collect();
         f.write_str(&parts.join("; "))
     }
 }
@@ -111,18 +100,10 @@ pub fn node_name(value: &str) -> Result<(), String> {
 }
 
 fn id_like(value: &str, colon: bool) -> Result<(), String> {
-    let allowed =
-        |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') || (colon && c == ':');
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') || (colon && c == ':');
     if value.is_empty() || value.len() > MAX_ID_LEN || !value.chars().all(allowed) {
-        let set = if colon {
-            "[A-Za-z0-9._:-]"
-        } else {
-            "[A-Za-z0-9._-]"
-        };
-        return Err(format!(
-            "`{}` must be 1-{MAX_ID_LEN} characters of {set}",
-            clip(value)
-        ));
+        let set = if colon { "[A-Za-z0-9._:-]" } else { "[A-Za-z0-9._-]" };
+        return Err(format!("`{}` must be 1-{MAX_ID_LEN} characters of {set}", clip(value)));
     }
     Ok(())
 }
@@ -132,10 +113,7 @@ pub fn address(value: &str) -> Result<(), String> {
     if value.parse::<IpAddr>().is_ok() || host_name(value) {
         Ok(())
     } else {
-        Err(format!(
-            "`{}` is neither an IP address nor a host name",
-            clip(value)
-        ))
+        Err(format!("`{}` is neither an IP address nor a host name", clip(value)))
     }
 }
 
@@ -163,11 +141,7 @@ pub fn port(value: i64) -> Result<u16, String> {
 
 /// An integer within `min..=max`.
 pub fn in_range(value: i64, min: i64, max: i64) -> Result<(), String> {
-    if (min..=max).contains(&value) {
-        Ok(())
-    } else {
-        Err(format!("{value} is out of range: it must be {min}-{max}"))
-    }
+    if (min..=max).contains(&value) { Ok(()) } else { Err(format!("{value} is out of range: it must be {min}-{max}")) }
 }
 
 /// Free text (a tag, a meta value, a check's output): bounded, no control characters.
@@ -176,15 +150,9 @@ pub fn text(value: &str, max: usize, allow_empty: bool) -> Result<(), String> {
         return Err("must not be empty".into());
     }
     if value.len() > max {
-        return Err(format!(
-            "is {} bytes long; at most {max} are allowed",
-            value.len()
-        ));
+        return Err(format!("is {} bytes long; at most {max} are allowed", value.len()));
     }
-    if value
-        .chars()
-        .any(|c| c.is_control() && c != '\n' && c != '\t')
-    {
+    if value.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
         return Err("must not contain control characters".into());
     }
     Ok(())
@@ -194,10 +162,7 @@ pub fn text(value: &str, max: usize, allow_empty: bool) -> Result<(), String> {
 pub fn meta_key(value: &str) -> Result<(), String> {
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/');
     if value.is_empty() || value.len() > MAX_META_KEY_LEN || !value.chars().all(allowed) {
-        return Err(format!(
-            "`{}` must be 1-{MAX_META_KEY_LEN} characters of [A-Za-z0-9._/-]",
-            clip(value)
-        ));
+        return Err(format!("`{}` must be 1-{MAX_META_KEY_LEN} characters of [A-Za-z0-9._/-]", clip(value)));
     }
     Ok(())
 }
@@ -240,13 +205,7 @@ mod tests {
 
     #[test]
     fn addresses() {
-        for ok in [
-            "10.0.0.1",
-            "::1",
-            "db.internal",
-            "localhost",
-            "host-1.example.com.",
-        ] {
+        for ok in ["10.0.0.1", "::1", "db.internal", "localhost", "host-1.example.com."] {
             assert!(address(ok).is_ok(), "{ok}");
         }
         for bad in ["", "a..b", "-a.com", "a b", "http://x", "10.0.0.1:80"] {

@@ -42,28 +42,17 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, BodyError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let parsed: Result<T, _> = serde_path_to_error::deserialize(&mut de);
     match parsed {
-        Ok(value) => de
-            .end()
-            .map(|()| value)
-            .map_err(|e| BodyError::Malformed(e.to_string())),
+        Ok(value) => de.end().map(|()| value).map_err(|e| BodyError::Malformed(e.to_string())),
         Err(err) => {
             let path = err.path().to_string();
             let inner = err.into_inner();
             if inner.is_syntax() || inner.is_eof() {
                 return Err(BodyError::Malformed(inner.to_string()));
             }
-            let field = if path == "." {
-                "body".to_string()
-            } else {
-                path
-            };
+            let field = if path == "." { "body".to_string() } else { path };
             // serde's message ends with " at line 1 column 9"; the field already says where.
             let message = inner.to_string();
-            let problem = message
-                .split(" at line ")
-                .next()
-                .unwrap_or(&message)
-                .to_string();
+            let problem = message.split(" at line ").next().unwrap_or(&message).to_string();
             let mut errors = ValidationErrors::default();
             errors.add(field, problem);
             Err(BodyError::Invalid(errors))
@@ -88,16 +77,10 @@ impl Heartbeat {
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut errors = ValidationErrors::default();
         if self.health == Some(Health::Maintenance) {
-            errors.add(
-                "health",
-                "maintenance is set with PUT /v1/instances/{id}/maintenance",
-            );
+            errors.add("health", "maintenance is set with PUT /v1/instances/{id}/maintenance");
         }
         if let Some(output) = &self.output {
-            errors.check(
-                "output",
-                validate::text(output, validate::MAX_OUTPUT_LEN, true),
-            );
+            errors.check("output", validate::text(output, validate::MAX_OUTPUT_LEN, true));
         }
         errors.into_result(())
     }
@@ -119,10 +102,7 @@ impl Maintenance {
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut errors = ValidationErrors::default();
         if let Some(reason) = &self.reason {
-            errors.check(
-                "reason",
-                validate::text(reason, validate::MAX_OUTPUT_LEN, true),
-            );
+            errors.check("reason", validate::text(reason, validate::MAX_OUTPUT_LEN, true));
         }
         errors.into_result(())
     }
@@ -189,10 +169,7 @@ impl AgentAnnouncement {
             errors.check("zone", validate::dns_label(zone));
         }
         if let Some(ttl) = self.ttl_s {
-            errors.check(
-                "ttl_s",
-                validate::in_range(ttl, 1, i64::from(crate::model::MAX_TTL_S)),
-            );
+            errors.check("ttl_s", validate::in_range(ttl, 1, i64::from(crate::model::MAX_TTL_S)));
         }
         errors.into_result(())
     }
@@ -246,9 +223,7 @@ mod tests {
 
     #[test]
     fn wrong_type_names_the_field() {
-        let err =
-            parse_json::<Registration>(br#"{"id":"a","service":"web","address":"x","port":"80"}"#)
-                .expect_err("port is a string");
+        let err = parse_json::<Registration>(br#"{"id":"a","service":"web","address":"x","port":"80"}"#).expect_err("port is a string");
         match err {
             BodyError::Invalid(errors) => assert_eq!(errors.0[0].field, "port"),
             other => panic!("unexpected {other:?}"),
@@ -259,25 +234,14 @@ mod tests {
     fn missing_and_unknown_fields_are_invalid() {
         let missing = parse_json::<Registration>(br#"{"id":"a","service":"web","address":"x"}"#);
         assert!(matches!(missing, Err(BodyError::Invalid(e)) if e.0[0].problem.contains("port")));
-        let unknown = parse_json::<Registration>(
-            br#"{"id":"a","service":"web","address":"x","port":1,"colour":1}"#,
-        );
+        let unknown = parse_json::<Registration>(br#"{"id":"a","service":"web","address":"x","port":1,"colour":1}"#);
         assert!(matches!(unknown, Err(BodyError::Invalid(e)) if e.0[0].problem.contains("colour")));
     }
 
     #[test]
     fn syntax_errors_are_malformed() {
-        assert!(matches!(
-            parse_json::<Registration>(b"{\"id\":"),
-            Err(BodyError::Malformed(_))
-        ));
-        assert!(matches!(
-            parse_json::<Registration>(b"{} trailing"),
-            Err(BodyError::Malformed(_)) | Err(BodyError::Invalid(_))
-        ));
-        assert!(matches!(
-            parse_json::<Heartbeat>(b"{} x"),
-            Err(BodyError::Malformed(_))
-        ));
+        assert!(matches!(parse_json::<Registration>(b"{\"id\":"), Err(BodyError::Malformed(_))));
+        assert!(matches!(parse_json::<Registration>(b"{} trailing"), Err(BodyError::Malformed(_)) | Err(BodyError::Invalid(_))));
+        assert!(matches!(parse_json::<Heartbeat>(b"{} x"), Err(BodyError::Malformed(_))));
     }
 }

@@ -20,23 +20,16 @@ pub async fn announce(
     body: Result<Body, ApiError>,
 ) -> Result<Response, ApiError> {
     state.auth.check_write(authorization.as_deref())?;
-    validate::node_name(&node)
-        .map_err(|p| ApiError::bad_request("invalid_node", format!("node: {p}")))?;
+    validate::node_name(&node).map_err(|p| ApiError::bad_request("invalid_node", format!("node: {p}")))?;
     let announcement: AgentAnnouncement = body?.json()?;
     announcement.validate()?;
-    let info = state
-        .store
-        .announce_agent(&node, &announcement, chrono::Utc::now().timestamp_millis())
-        .await?;
+    let info = state.store.announce_agent(&node, &announcement, chrono::Utc::now().timestamp_millis()).await?;
     Ok(json(StatusCode::OK, &info))
 }
 
 /// Every known agent.
 pub async fn list(state: Arc<AppState>) -> Result<Response, ApiError> {
     let snapshot = state.cache.get().await?;
-    let page = AgentsPage {
-        index: snapshot.index,
-        agents: snapshot.agents.clone(),
-    };
+    let page = AgentsPage { index: snapshot.index, agents: snapshot.agents.clone() };
     Ok(with_index(json(StatusCode::OK, &page), snapshot.index))
 }

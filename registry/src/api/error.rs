@@ -72,10 +72,7 @@ impl From<ValidationErrors> for ApiError {
 impl ApiError {
     /// A 400 with `code`.
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        ApiError::BadRequest {
-            code,
-            message: message.into(),
-        }
+        ApiError::BadRequest { code, message: message.into() }
     }
 
     /// The status this error answers with.
@@ -118,9 +115,7 @@ impl ApiError {
         let status = self.status();
         let code = self.code().to_string();
         let message = match &self {
-            ApiError::Store(e) if e.is_unavailable() => {
-                "the database is unreachable; try again shortly".to_string()
-            }
+            ApiError::Store(e) if e.is_unavailable() => "the database is unreachable; try again shortly".to_string(),
             ApiError::Store(_) => "internal error; see the registry's log".to_string(),
             other => other.to_string(),
         };
@@ -133,11 +128,7 @@ impl ApiError {
             ApiError::Invalid(errors) => errors.0,
             _ => vec![],
         };
-        let body = ErrorBody {
-            error: code,
-            message,
-            problems,
-        };
+        let body = ErrorBody { error: code, message, problems };
         warp::reply::with_status(warp::reply::json(&body), status).into_response()
     }
 }
@@ -146,10 +137,7 @@ impl ApiError {
 pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
     let error = if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
         ApiError::PayloadTooLarge(0)
-    } else if rejection
-        .find::<warp::reject::UnsupportedMediaType>()
-        .is_some()
-    {
+    } else if rejection.find::<warp::reject::UnsupportedMediaType>().is_some() {
         ApiError::UnsupportedMediaType("the body must be application/json".into())
     } else if let Some(e) = rejection.find::<warp::reject::InvalidQuery>() {
         ApiError::bad_request("invalid_query", e.to_string())

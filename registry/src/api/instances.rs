@@ -19,26 +19,31 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// The `node` query parameter of a deregistration: the owner agent removing its own instance.
+fn owner_node(raw_query: &str) -> Result<Option<String>, ApiError> {
+    let mut node = None;
+    for (key, value) in url::form_urlencoded::parse(raw_query.as_bytes()) {
+        if key != "node" {
+            let message = format!("unknown query parameter `{}`; this endpoint takes: node", validate::clip(&key));
+            return Err(ApiError::bad_request("invalid_query", message));
+        }
+        validate::node_name(&value).map_err(|p| ApiError::bad_request("invalid_query", format!("node: {p}")))?;
+        node = Some(value.into_owned());
+    }
+    Ok(node)
+}
+
 /// Refuses an id that cannot exist (400) before it reaches the database.
 fn checked_id(id: &str) -> Result<(), ApiError> {
-    validate::instance_id(id)
-        .map_err(|problem| ApiError::bad_request("invalid_id", format!("instance id: {problem}")))
+    validate::instance_id(id).map_err(|problem| ApiError::bad_request("invalid_id", format!("instance id: {problem}")))
 }
 
 /// Registers or updates an instance: 201 when new, 200 otherwise.
-pub async fn register(
-    state: Arc<AppState>,
-    authorization: Option<String>,
-    body: Result<Body, ApiError>,
-) -> Result<Response, ApiError> {
+pub async fn register(state: Arc<AppState>, authorization: Option<String>, body: Result<Body, ApiError>) -> Result<Response, ApiError> {
     state.auth.check_write(authorization.as_deref())?;
     let spec = body?.json::<Registration>()?.validate()?;
     let (instance, outcome) = state.store.register(&spec, now_ms()).await?;
-    let status = if outcome == Registered::Created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
+    let status = if outcome == Registered::Created { StatusCode::CREATED } else { StatusCode::OK };
     if outcome != Registered::Renewed {
         tracing::info!(instance = %instance.id, service = %instance.service, created = outcome == Registered::Created, "registered");
     }
@@ -48,11 +53,7 @@ pub async fn register(
 /// One instance, always read from the database.
 pub async fn get(state: Arc<AppState>, id: String) -> Result<Response, ApiError> {
     checked_id(&id)?;
-    let instance = state
-        .store
-        .instance(&id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no instance `{id}`")))?;
+    let instance = state.store.instance(&id).await?.ok_or_else(|| ApiError::NotFound(format!("no instance `{id}`")))?;
     Ok(json(StatusCode::OK, &instance))
 }
 
@@ -86,24 +87,18 @@ pub async fn maintenance(
     checked_id(&id)?;
     let maintenance: Maintenance = body?.json()?;
     maintenance.validate()?;
-    let instance = state
-        .store
-        .set_maintenance(&id, &maintenance, now_ms())
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no instance `{id}`")))?;
+    let instance =
+        state.store.set_maintenance(&id, &maintenance, now_ms()).await?.ok_or_else(|| ApiError::NotFound(format!("no instance `{id}`")))?;
     tracing::info!(instance = %id, enabled = maintenance.enabled, "maintenance changed");
     Ok(json(StatusCode::OK, &instance))
 }
 
 /// Deregisters: 204, 404, or 409 when a live agent owns the instance.
-pub async fn deregister(
-    state: Arc<AppState>,
-    authorization: Option<String>,
-    id: String,
-) -> Result<Response, ApiError> {
+pub async fn deregister(state: Arc<AppState>, authorization: Option<String>, id: String, raw_query: String) -> Result<Response, ApiError> {
     state.auth.check_write(authorization.as_deref())?;
     checked_id(&id)?;
-    match state.store.deregister(&id, now_ms()).await? {
+    let caller = owner_node(&raw_query)?;
+    match state.store.deregister(&id, caller.as_deref(), now_ms()).await? {
         Deregistered::Removed => {
             tracing::info!(instance = %id, "deregistered");
             Ok(warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response())

@@ -17,41 +17,24 @@ pub async fn services(state: Arc<AppState>, raw_query: String) -> Result<Respons
     let query = ReadQuery::parse(&raw_query, &["index", "wait"])?;
     block(&state, query.index, query.wait).await;
     let snapshot = state.cache.get().await?;
-    let page = ServicesPage {
-        index: snapshot.index,
-        self_preservation: snapshot.self_preservation,
-        services: snapshot.summaries(),
-    };
+    let page = ServicesPage { index: snapshot.index, self_preservation: snapshot.self_preservation, services: snapshot.summaries() };
     Ok(with_index(json(StatusCode::OK, &page), snapshot.index))
 }
 
 /// The instances of one service, filtered by health, tags and zone. An unknown service is
 /// an empty list, not a 404, so that a client can wait for its first instance.
-pub async fn service(
-    state: Arc<AppState>,
-    name: String,
-    raw_query: String,
-) -> Result<Response, ApiError> {
-    validate::dns_label(&name)
-        .map_err(|p| ApiError::bad_request("invalid_name", format!("service name: {p}")))?;
+pub async fn service(state: Arc<AppState>, name: String, raw_query: String) -> Result<Response, ApiError> {
+    validate::dns_label(&name).map_err(|p| ApiError::bad_request("invalid_name", format!("service name: {p}")))?;
     let query = ReadQuery::parse(&raw_query, &["health", "tag", "zone", "index", "wait"])?;
     block(&state, query.index, query.wait).await;
     let snapshot = state.cache.get().await?;
     let instances = snapshot
         .service(&name)
         .iter()
-        .filter(|i| {
-            query.health.accepts(i.health)
-                && i.has_tags(&query.tags)
-                && (query.zone.is_none() || i.zone == query.zone)
-        })
+        .filter(|i| query.health.accepts(i.health) && i.has_tags(&query.tags) && (query.zone.is_none() || i.zone == query.zone))
         .cloned()
         .collect();
-    let answer = ServiceInstances {
-        service: name,
-        index: snapshot.index,
-        instances,
-    };
+    let answer = ServiceInstances { service: name, index: snapshot.index, instances };
     Ok(with_index(json(StatusCode::OK, &answer), snapshot.index))
 }
 

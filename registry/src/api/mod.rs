@@ -70,16 +70,13 @@ fn authorization() -> impl Filter<Extract = (Option<String>,), Error = Rejection
 }
 
 /// The body, read up to the state's limit; reading errors are handed to the handler.
-fn body(
-    state: State,
-) -> impl Filter<Extract = (Result<Body, ApiError>,), Error = Rejection> + Clone {
-    warp::header::optional::<String>("content-type")
-        .and(warp::header::optional::<u64>("content-length"))
-        .and(warp::body::stream())
-        .then(move |content_type, length, stream| {
+fn body(state: State) -> impl Filter<Extract = (Result<Body, ApiError>,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("content-type").and(warp::header::optional::<u64>("content-length")).and(warp::body::stream()).then(
+        move |content_type, length, stream| {
             let limit = state.max_body_bytes;
             async move { Body::read(content_type, length, stream, limit).await }
-        })
+        },
+    )
 }
 
 /// A JSON answer.
@@ -91,23 +88,14 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
 pub fn json_bytes(bytes: Bytes, index: u64) -> Response {
     let mut response = Response::new(bytes.into());
     let headers = response.headers_mut();
-    headers.insert(
-        warp::http::header::CONTENT_TYPE,
-        warp::http::HeaderValue::from_static("application/json"),
-    );
-    headers.insert(
-        signpost_shared::wire::INDEX_HEADER,
-        warp::http::HeaderValue::from(index),
-    );
+    headers.insert(warp::http::header::CONTENT_TYPE, warp::http::HeaderValue::from_static("application/json"));
+    headers.insert(signpost_shared::wire::INDEX_HEADER, warp::http::HeaderValue::from(index));
     response
 }
 
 /// Adds the catalog index header.
 pub fn with_index(mut response: Response, index: u64) -> Response {
-    response.headers_mut().insert(
-        signpost_shared::wire::INDEX_HEADER,
-        warp::http::HeaderValue::from(index),
-    );
+    response.headers_mut().insert(signpost_shared::wire::INDEX_HEADER, warp::http::HeaderValue::from(index));
     response
 }
 
@@ -133,23 +121,20 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
         .and(warp::delete())
         .and(s())
         .and(authorization())
-        .then(|id, st, auth| async move { respond(instances::deregister(st, auth, id).await) });
+        .and(raw_query())
+        .then(|id, st, auth, q| async move { respond(instances::deregister(st, auth, id, q).await) });
     let heartbeat = warp::path!("v1" / "instances" / String / "heartbeat")
         .and(warp::put())
         .and(s())
         .and(authorization())
         .and(body(state.clone()))
-        .then(|id, st, auth, body| async move {
-            respond(instances::heartbeat(st, auth, id, body).await)
-        });
+        .then(|id, st, auth, body| async move { respond(instances::heartbeat(st, auth, id, body).await) });
     let maintenance = warp::path!("v1" / "instances" / String / "maintenance")
         .and(warp::put())
         .and(s())
         .and(authorization())
         .and(body(state.clone()))
-        .then(|id, st, auth, body| async move {
-            respond(instances::maintenance(st, auth, id, body).await)
-        });
+        .then(|id, st, auth, body| async move { respond(instances::maintenance(st, auth, id, body).await) });
     let services = warp::path!("v1" / "services")
         .and(warp::get())
         .and(s())
@@ -170,22 +155,11 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
         .and(s())
         .and(authorization())
         .and(body(state.clone()))
-        .then(|node, st, auth, body| async move {
-            respond(agents::announce(st, auth, node, body).await)
-        });
-    let list_agents = warp::path!("v1" / "agents")
-        .and(warp::get())
-        .and(s())
-        .then(|st| async move { respond(agents::list(st).await) });
+        .then(|node, st, auth, body| async move { respond(agents::announce(st, auth, node, body).await) });
+    let list_agents = warp::path!("v1" / "agents").and(warp::get()).and(s()).then(|st| async move { respond(agents::list(st).await) });
     let healthz = warp::path!("healthz").and(warp::get()).map(ops::healthz);
-    let readyz = warp::path!("readyz")
-        .and(warp::get())
-        .and(s())
-        .then(ops::readyz);
-    let metrics = warp::path!("metrics")
-        .and(warp::get())
-        .and(s())
-        .then(ops::metrics);
+    let readyz = warp::path!("readyz").and(warp::get()).and(s()).then(ops::readyz);
+    let metrics = warp::path!("metrics").and(warp::get()).and(s()).then(ops::metrics);
 
     let metrics_sink = state.metrics.clone();
     register
@@ -253,11 +227,7 @@ pub async fn block(state: &AppState, index: Option<u64>, wait: Option<Duration>)
         return;
     }
     let wait = wait.unwrap_or(DEFAULT_WAIT).min(state.max_wait);
-    tracing::debug!(
-        index,
-        wait_ms = wait.as_millis() as u64,
-        "blocking query waiting for a change"
-    );
+    tracing::debug!(index, wait_ms = wait.as_millis() as u64, "blocking query waiting for a change");
     tokio::select! {
         _ = tokio::time::timeout(wait, changes.wait_for(|current| *current != index)) => {}
         _ = state.shutdown.cancelled() => {}

@@ -21,12 +21,7 @@ pub struct Body {
 
 impl Body {
     /// Reads `stream`, refusing it (413) past `limit` bytes, declared or sent.
-    pub async fn read<S, B>(
-        content_type: Option<String>,
-        content_length: Option<u64>,
-        stream: S,
-        limit: u64,
-    ) -> Result<Body, ApiError>
+    pub async fn read<S, B>(content_type: Option<String>, content_length: Option<u64>, stream: S, limit: u64) -> Result<Body, ApiError>
     where
         S: Stream<Item = Result<B, warp::Error>>,
         B: Buf,
@@ -37,9 +32,7 @@ impl Body {
         let mut stream = std::pin::pin!(stream);
         let mut bytes = BytesMut::new();
         while let Some(chunk) = stream.next().await {
-            let mut chunk = chunk.map_err(|e| {
-                ApiError::bad_request("body_read", format!("cannot read the body: {e}"))
-            })?;
+            let mut chunk = chunk.map_err(|e| ApiError::bad_request("body_read", format!("cannot read the body: {e}")))?;
             if bytes.len() as u64 + chunk.remaining() as u64 > limit {
                 return Err(ApiError::PayloadTooLarge(limit));
             }
@@ -50,10 +43,7 @@ impl Body {
                 chunk.advance(n);
             }
         }
-        Ok(Body {
-            content_type,
-            bytes: bytes.freeze(),
-        })
+        Ok(Body { content_type, bytes: bytes.freeze() })
     }
 
     /// True when nothing was sent.
@@ -70,10 +60,7 @@ impl Body {
         if !is_json {
             return Err(ApiError::UnsupportedMediaType(format!(
                 "the body must be sent as Content-Type: application/json (got {})",
-                self.content_type
-                    .as_deref()
-                    .map(validate::clip)
-                    .unwrap_or_else(|| "none".into())
+                self.content_type.as_deref().map(validate::clip).unwrap_or_else(|| "none".into())
             )));
         }
         Ok(parse_json(&self.bytes)?)
@@ -81,11 +68,7 @@ impl Body {
 
     /// Parses the body as JSON of type `T`, or `T::default()` when it is empty.
     pub fn json_or_default<T: DeserializeOwned + Default>(&self) -> Result<T, ApiError> {
-        if self.is_empty() {
-            Ok(T::default())
-        } else {
-            self.json()
-        }
+        if self.is_empty() { Ok(T::default()) } else { self.json() }
     }
 }
 
@@ -129,53 +112,30 @@ pub struct ReadQuery {
 impl ReadQuery {
     /// Parses a raw query string, accepting only the parameters in `allowed`.
     pub fn parse(raw: &str, allowed: &[&str]) -> Result<ReadQuery, ApiError> {
-        let mut query = ReadQuery {
-            index: None,
-            wait: None,
-            health: HealthFilter::Healthy,
-            tags: vec![],
-            zone: None,
-        };
+        let mut query = ReadQuery { index: None, wait: None, health: HealthFilter::Healthy, tags: vec![], zone: None };
         for (key, value) in url::form_urlencoded::parse(raw.as_bytes()) {
             if !allowed.contains(&key.as_ref()) {
                 return Err(ApiError::bad_request(
                     "invalid_query",
-                    format!(
-                        "unknown query parameter `{}`; this endpoint takes: {}",
-                        validate::clip(&key),
-                        allowed.join(", ")
-                    ),
+                    format!("unknown query parameter `{}`; this endpoint takes: {}", validate::clip(&key), allowed.join(", ")),
                 ));
             }
-            let bad = |problem: String| {
-                ApiError::bad_request("invalid_query", format!("{key}: {problem}"))
-            };
+            let bad = |problem: String| ApiError::bad_request("invalid_query", format!("{key}: {problem}"));
             match key.as_ref() {
                 "index" => {
-                    query.index = Some(value.parse().map_err(|_| {
-                        bad(format!(
-                            "`{}` is not a non-negative integer",
-                            validate::clip(&value)
-                        ))
-                    })?)
+                    query.index =
+                        Some(value.parse().map_err(|_| bad(format!("`{}` is not a non-negative integer", validate::clip(&value))))?)
                 }
                 "wait" => {
                     // Plain seconds ("30") are accepted as well as "30s".
-                    let parsed = value
-                        .parse::<u64>()
-                        .map(Duration::from_secs)
-                        .or_else(|_| signpost_shared::duration::parse(&value));
+                    let parsed = value.parse::<u64>().map(Duration::from_secs).or_else(|_| signpost_shared::duration::parse(&value));
                     query.wait = Some(parsed.map_err(bad)?);
                 }
                 "health" => {
                     query.health = match value.as_ref() {
                         "healthy" => HealthFilter::Healthy,
                         "any" => HealthFilter::Any,
-                        other => HealthFilter::Only(
-                            other
-                                .parse()
-                                .map_err(|e: String| bad(format!("{e}, or healthy or any")))?,
-                        ),
+                        other => HealthFilter::Only(other.parse().map_err(|e: String| bad(format!("{e}, or healthy or any")))?),
                     }
                 }
                 "tag" => {
@@ -190,10 +150,7 @@ impl ReadQuery {
             }
         }
         if query.tags.len() > validate::MAX_TAGS {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                format!("at most {} tag filters are allowed", validate::MAX_TAGS),
-            ));
+            return Err(ApiError::bad_request("invalid_query", format!("at most {} tag filters are allowed", validate::MAX_TAGS)));
         }
         Ok(query)
     }
@@ -205,11 +162,8 @@ mod tests {
 
     #[test]
     fn parses_filters_and_blocking() {
-        let q = ReadQuery::parse(
-            "health=any&tag=a&tag=b&zone=eu-1&index=7&wait=30s",
-            &["health", "tag", "zone", "index", "wait"],
-        )
-        .expect("valid");
+        let q = ReadQuery::parse("health=any&tag=a&tag=b&zone=eu-1&index=7&wait=30s", &["health", "tag", "zone", "index", "wait"])
+            .expect("valid");
         assert_eq!(q.health, HealthFilter::Any);
         assert_eq!(q.tags, ["a", "b"]);
         assert_eq!(q.zone.as_deref(), Some("eu-1"));
@@ -220,14 +174,7 @@ mod tests {
     #[test]
     fn refuses_unknown_and_bad_values() {
         let all = ["health", "tag", "zone", "index", "wait"];
-        for bad in [
-            "helth=any",
-            "index=-1",
-            "wait=soon",
-            "health=ok",
-            "zone=EU",
-            "tag=",
-        ] {
+        for bad in ["helth=any", "index=-1", "wait=soon", "health=ok", "zone=EU", "tag="] {
             assert!(ReadQuery::parse(bad, &all).is_err(), "{bad}");
         }
     }

@@ -14,9 +14,7 @@ use std::time::Duration;
 use signpost_shared::model::{CheckSpec, Health, Instance, InstanceSpec};
 use signpost_shared::wire::{AgentAnnouncement, AgentInfo, Heartbeat, Maintenance};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use tokio::sync::watch;
 
 pub use rows::{AgentRow, InstanceRow, time};
@@ -53,8 +51,7 @@ macro_rules! with_pool {
     };
 }
 
-const BUMP_INDEX: &str =
-    "UPDATE catalog_state SET change_index = change_index + 1 WHERE id = 1 RETURNING change_index";
+const BUMP_INDEX: &str = "UPDATE catalog_state SET change_index = change_index + 1 WHERE id = 1 RETURNING change_index";
 const READ_STATE: &str = "SELECT change_index, self_preservation FROM catalog_state WHERE id = 1";
 
 /// Why a storage call failed.
@@ -79,32 +76,19 @@ pub enum StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
-        if is_connection_error(&error) {
-            StoreError::Unavailable(error)
-        } else {
-            StoreError::Database(error)
-        }
+        if is_connection_error(&error) { StoreError::Unavailable(error) } else { StoreError::Database(error) }
     }
 }
 
 fn is_connection_error(error: &sqlx::Error) -> bool {
     use sqlx::Error as E;
     match error {
-        E::Io(_)
-        | E::Tls(_)
-        | E::PoolTimedOut
-        | E::PoolClosed
-        | E::WorkerCrashed
-        | E::Protocol(_) => true,
+        E::Io(_) | E::Tls(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed | E::Protocol(_) => true,
         E::Database(db) => {
             let code = db.code().unwrap_or_default();
             // PostgreSQL: 08 connection, 53 resources, 57 operator intervention (shutdown);
             // SQLite: 5 busy, 6 locked.
-            code.starts_with("08")
-                || code.starts_with("53")
-                || code.starts_with("57")
-                || code == "5"
-                || code == "6"
+            code.starts_with("08") || code.starts_with("53") || code.starts_with("57") || code == "5" || code == "6"
         }
         _ => false,
     }
@@ -227,8 +211,7 @@ impl Store {
     /// that is down now makes calls answer [`StoreError::Unavailable`] until it is back.
     pub fn connect(url: &str, options: &StoreOptions) -> Result<Store, StoreError> {
         let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let connect =
-                PgConnectOptions::from_str(url).map_err(|e| StoreError::Config(e.to_string()))?;
+            let connect = PgConnectOptions::from_str(url).map_err(|e| StoreError::Config(e.to_string()))?;
             let pool = PgPoolOptions::new()
                 .max_connections(options.max_connections)
                 .acquire_timeout(options.acquire_timeout)
@@ -247,10 +230,7 @@ impl Store {
                 .connect_lazy_with(connect);
             Backend::Sqlite(pool)
         } else {
-            return Err(StoreError::Config(format!(
-                "unsupported database URL scheme in `{}`",
-                url.split(':').next().unwrap_or("")
-            )));
+            return Err(StoreError::Config(format!("unsupported database URL scheme in `{}`", url.split(':').next().unwrap_or(""))));
         };
         let (changes, _) = watch::channel(0);
         Ok(Store { backend, changes })
@@ -328,17 +308,12 @@ impl Store {
     }
 
     async fn read_state(&self) -> Result<(u64, bool), StoreError> {
-        let (index, sp): (i64, bool) =
-            with_pool!(self, pool => sqlx::query_as(READ_STATE).fetch_one(pool).await)?;
+        let (index, sp): (i64, bool) = with_pool!(self, pool => sqlx::query_as(READ_STATE).fetch_one(pool).await)?;
         Ok((to_u64(index), sp))
     }
 
     /// Registers or updates an instance (upsert by id).
-    pub async fn register(
-        &self,
-        spec: &InstanceSpec,
-        now_ms: i64,
-    ) -> Result<(Instance, Registered), StoreError> {
+    pub async fn register(&self, spec: &InstanceSpec, now_ms: i64) -> Result<(Instance, Registered), StoreError> {
         let existing = self.instance_row(&spec.id).await?;
         if let Some(row) = &existing
             && row.describes(spec)?
@@ -348,16 +323,9 @@ impl Store {
                 return Ok((row.into_instance()?, Registered::Renewed));
             }
         }
-        let tags =
-            serde_json::to_string(&spec.tags).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let meta =
-            serde_json::to_string(&spec.meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let check = spec
-            .check
-            .as_ref()
-            .map(serde_json::to_string)
-            .transpose()
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let tags = serde_json::to_string(&spec.tags).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let meta = serde_json::to_string(&spec.meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let check = spec.check.as_ref().map(serde_json::to_string).transpose().map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let lease = now_ms + i64::from(spec.ttl_s) * 1000;
         let (row, index) = with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
@@ -394,11 +362,7 @@ impl Store {
             (row, index)
         });
         self.observe_index(to_u64(index));
-        let outcome = if existing.is_some() {
-            Registered::Updated
-        } else {
-            Registered::Created
-        };
+        let outcome = if existing.is_some() { Registered::Updated } else { Registered::Created };
         Ok((row.into_instance()?, outcome))
     }
 
@@ -423,20 +387,12 @@ impl Store {
 
     /// One instance, read from the database (never from a cache).
     pub async fn instance(&self, id: &str) -> Result<Option<Instance>, StoreError> {
-        self.instance_row(id)
-            .await?
-            .map(InstanceRow::into_instance)
-            .transpose()
+        self.instance_row(id).await?.map(InstanceRow::into_instance).transpose()
     }
 
     /// Renews an instance's lease and records what its owner (or the prober) saw. Only a
     /// change of health, or a lease that had lapsed, moves the change index.
-    pub async fn heartbeat(
-        &self,
-        id: &str,
-        heartbeat: &Heartbeat,
-        now_ms: i64,
-    ) -> Result<Option<Instance>, StoreError> {
+    pub async fn heartbeat(&self, id: &str, heartbeat: &Heartbeat, now_ms: i64) -> Result<Option<Instance>, StoreError> {
         let health = heartbeat.health.map(Health::as_str);
         let fast: Option<InstanceRow> = with_pool!(self, pool => sqlx::query_as(concat!(
             "UPDATE instances SET lease_expires_at = $2 + ttl_s * 1000, output = COALESCE($4, output) \
@@ -484,12 +440,7 @@ impl Store {
 
     /// Records a failed registry-run probe: the instance becomes critical (moving the index
     /// only if it was not already) and its lease is left to run out.
-    pub async fn record_probe_failure(
-        &self,
-        id: &str,
-        output: &str,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
+    pub async fn record_probe_failure(&self, id: &str, output: &str, now_ms: i64) -> Result<(), StoreError> {
         let critical = Health::Critical.as_str();
         let unchanged = with_pool!(self, pool => sqlx::query("UPDATE instances SET output = $2 WHERE id = $1 AND health = $3")
             .bind(id)
@@ -526,17 +477,8 @@ impl Store {
     }
 
     /// Turns maintenance on or off.
-    pub async fn set_maintenance(
-        &self,
-        id: &str,
-        maintenance: &Maintenance,
-        now_ms: i64,
-    ) -> Result<Option<Instance>, StoreError> {
-        let reason = if maintenance.enabled {
-            maintenance.reason.clone()
-        } else {
-            None
-        };
+    pub async fn set_maintenance(&self, id: &str, maintenance: &Maintenance, now_ms: i64) -> Result<Option<Instance>, StoreError> {
+        let reason = if maintenance.enabled { maintenance.reason.clone() } else { None };
         let changed: Option<(InstanceRow, i64)> = with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             let index: i64 = sqlx::query_scalar(BUMP_INDEX).fetch_one(&mut *tx).await?;
@@ -567,19 +509,18 @@ impl Store {
         }
     }
 
-    /// Deregisters an instance, unless its owner agent is alive (it would register it again).
-    pub async fn deregister(&self, id: &str, now_ms: i64) -> Result<Deregistered, StoreError> {
+    /// Deregisters an instance, unless its owner agent is alive (it would register it again)
+    /// and is not the caller (`caller_node`, the agent removing its own instance).
+    pub async fn deregister(&self, id: &str, caller_node: Option<&str>, now_ms: i64) -> Result<Deregistered, StoreError> {
         let Some(row) = self.instance_row(id).await? else {
             return Ok(Deregistered::NotFound);
         };
         if let Some(node) = &row.node
+            && caller_node != Some(node.as_str())
             && let Some(agent) = self.agent_row(node).await?
             && agent.alive(now_ms)
         {
-            return Ok(Deregistered::OwnedByLiveAgent {
-                node: node.clone(),
-                http_addr: agent.http_addr,
-            });
+            return Ok(Deregistered::OwnedByLiveAgent { node: node.clone(), http_addr: agent.http_addr });
         }
         let removed: Option<i64> = with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
@@ -610,15 +551,8 @@ impl Store {
     }
 
     /// Records an agent's announcement; only a new agent or a changed address moves the index.
-    pub async fn announce_agent(
-        &self,
-        node: &str,
-        announcement: &AgentAnnouncement,
-        now_ms: i64,
-    ) -> Result<AgentInfo, StoreError> {
-        let ttl_s = announcement
-            .ttl_s
-            .unwrap_or(i64::from(signpost_shared::model::DEFAULT_TTL_S));
+    pub async fn announce_agent(&self, node: &str, announcement: &AgentAnnouncement, now_ms: i64) -> Result<AgentInfo, StoreError> {
+        let ttl_s = announcement.ttl_s.unwrap_or(i64::from(signpost_shared::model::DEFAULT_TTL_S));
         let lease = now_ms + ttl_s * 1000;
         let existing = self.agent_row(node).await?;
         let same = existing.as_ref().is_some_and(|a| {
@@ -692,10 +626,7 @@ impl Store {
         Ok(CatalogData {
             index,
             self_preservation: state.1,
-            instances: rows
-                .into_iter()
-                .map(InstanceRow::into_instance)
-                .collect::<Result<_, _>>()?,
+            instances: rows.into_iter().map(InstanceRow::into_instance).collect::<Result<_, _>>()?,
             agents: agents.into_iter().map(|a| a.into_info(now_ms)).collect(),
         })
     }
@@ -720,21 +651,10 @@ impl Store {
 
     /// One sweep: marks lapsed leases critical and removes those lapsed longer than the grace
     /// period, unless too many lapsed at once (self-preservation).
-    pub async fn sweep(
-        &self,
-        policy: &SweepPolicy,
-        now_ms: i64,
-    ) -> Result<SweepReport, StoreError> {
+    pub async fn sweep(&self, policy: &SweepPolicy, now_ms: i64) -> Result<SweepReport, StoreError> {
         let grace_ms = i64::try_from(policy.deregister_after.as_millis()).unwrap_or(i64::MAX);
         let remove_before = now_ms.saturating_sub(grace_ms);
-        let (total, lapsed, unmarked, removable, agents_removable, sp_was): (
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            bool,
-        ) = with_pool!(self, pool => {
+        let (total, lapsed, unmarked, removable, agents_removable, sp_was): (i64, i64, i64, i64, i64, bool) = with_pool!(self, pool => {
             let mut conn = pool.acquire().await?;
             let (total, lapsed, unmarked, removable): (i64, i64, i64, i64) = sqlx::query_as(
                 "SELECT COUNT(*), \
@@ -758,14 +678,8 @@ impl Store {
         let hold = total >= policy.self_preservation_min_instances
             && total > 0
             && (lapsed as f64) > policy.self_preservation_threshold * (total as f64);
-        let mut report = SweepReport {
-            total,
-            lapsed,
-            self_preservation: hold,
-            ..SweepReport::default()
-        };
-        let nothing_to_do =
-            sp_was == hold && (hold || (unmarked == 0 && removable == 0 && agents_removable == 0));
+        let mut report = SweepReport { total, lapsed, self_preservation: hold, ..SweepReport::default() };
+        let nothing_to_do = sp_was == hold && (hold || (unmarked == 0 && removable == 0 && agents_removable == 0));
         if nothing_to_do {
             return Ok(report);
         }

@@ -63,12 +63,9 @@ impl InstanceRow {
             service: self.service.clone(),
             address: self.address.clone(),
             port: u16::try_from(self.port).map_err(|e| self.corrupt("port", e.to_string()))?,
-            tags: serde_json::from_str(&self.tags)
-                .map_err(|e| self.corrupt("tags", e.to_string()))?,
-            meta: serde_json::from_str::<BTreeMap<String, String>>(&self.meta)
-                .map_err(|e| self.corrupt("meta", e.to_string()))?,
-            weight: u32::try_from(self.weight)
-                .map_err(|e| self.corrupt("weight", e.to_string()))?,
+            tags: serde_json::from_str(&self.tags).map_err(|e| self.corrupt("tags", e.to_string()))?,
+            meta: serde_json::from_str::<BTreeMap<String, String>>(&self.meta).map_err(|e| self.corrupt("meta", e.to_string()))?,
+            weight: u32::try_from(self.weight).map_err(|e| self.corrupt("weight", e.to_string()))?,
             zone: self.zone.clone(),
             health: self.reported_health()?,
             node: self.node.clone(),
@@ -79,11 +76,7 @@ impl InstanceRow {
 
     /// The registry-run check, if any.
     pub fn check(&self) -> Result<Option<CheckSpec>, StoreError> {
-        self.check_spec
-            .as_deref()
-            .map(serde_json::from_str)
-            .transpose()
-            .map_err(|e| self.corrupt("check_spec", e.to_string()))
+        self.check_spec.as_deref().map(serde_json::from_str).transpose().map_err(|e| self.corrupt("check_spec", e.to_string()))
     }
 
     /// Converts into the answer's form.
@@ -112,11 +105,7 @@ impl InstanceRow {
     }
 
     fn corrupt(&self, column: &str, problem: impl Into<String>) -> StoreError {
-        StoreError::Corrupt(format!(
-            "instance {}: column {column}: {}",
-            self.id,
-            problem.into()
-        ))
+        StoreError::Corrupt(format!("instance {}: column {column}: {}", self.id, problem.into()))
     }
 }
 

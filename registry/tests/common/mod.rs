@@ -15,10 +15,7 @@ pub use process::{Registry, RegistryBuilder};
 
 /// How long `eventually` waits by default; `SIGNPOST_TEST_PATIENCE_MS` scales it on a slow machine.
 pub fn patience(base: Duration) -> Duration {
-    let factor = std::env::var("SIGNPOST_TEST_PATIENCE")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(1.0);
+    let factor = std::env::var("SIGNPOST_TEST_PATIENCE").ok().and_then(|v| v.parse::<f64>().ok()).unwrap_or(1.0);
     base.mul_f64(factor.max(1.0))
 }
 

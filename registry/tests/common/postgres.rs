@@ -9,8 +9,7 @@ use sqlx::postgres::PgConnection;
 
 /// The server tests create their databases on.
 pub fn server_url() -> String {
-    std::env::var("SIGNPOST_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+    std::env::var("SIGNPOST_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
 }
 
 fn with_database(server: &str, name: &str) -> String {
@@ -35,19 +34,10 @@ impl TestDb {
     /// Creates a database on the server at `server`.
     pub async fn create_on(server: &str) -> TestDb {
         let name = format!("signpost_test_{:016x}", rand::random::<u64>());
-        let mut conn = PgConnection::connect(server)
-            .await
-            .unwrap_or_else(|e| panic!("cannot reach the test PostgreSQL at {server}: {e}"));
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
-            .await
-            .expect("create the test database");
+        let mut conn = PgConnection::connect(server).await.unwrap_or_else(|e| panic!("cannot reach the test PostgreSQL at {server}: {e}"));
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.expect("create the test database");
         let _ = conn.close().await;
-        TestDb {
-            url: with_database(server, &name),
-            server: server.to_string(),
-            name,
-        }
+        TestDb { url: with_database(server, &name), server: server.to_string(), name }
     }
 }
 
@@ -56,18 +46,10 @@ impl Drop for TestDb {
         let (server, name) = (self.server.clone(), self.name.clone());
         // Drop runs inside the test's runtime: do the async work on a thread of its own.
         let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
             runtime.block_on(async {
                 let mut conn = PgConnection::connect(&server).await.ok()?;
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .execute(&mut conn)
-                .await
-                .ok()?;
+                sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&mut conn).await.ok()?;
                 conn.close().await.ok()
             })
         })
@@ -98,10 +80,7 @@ impl ThrowawayPostgres {
     /// Runs initdb and starts the server.
     pub fn start() -> ThrowawayPostgres {
         let bin = postgres_bin_dir();
-        let dir = tempfile::Builder::new()
-            .prefix("signpost-pg-")
-            .tempdir()
-            .expect("temp dir");
+        let dir = tempfile::Builder::new().prefix("signpost-pg-").tempdir().expect("temp dir");
         let as_postgres_user = is_root();
         if as_postgres_user {
             // PostgreSQL refuses to run as root: hand the folder to the postgres user.
@@ -109,38 +88,16 @@ impl ThrowawayPostgres {
         }
         let data = dir.path().join("data");
         let log = dir.path().join("postgres.log");
-        let control = Control {
-            bin,
-            data,
-            log,
-            port: super::free_port(),
-            as_postgres_user,
-        };
+        let control = Control { bin, data, log, port: super::free_port(), as_postgres_user };
         let data_arg = control.data.display().to_string();
-        control.run(
-            "initdb",
-            &[
-                "-D",
-                &data_arg,
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "--no-sync",
-                "-E",
-                "UTF8",
-            ],
-        );
+        control.run("initdb", &["-D", &data_arg, "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]);
         control.start();
         ThrowawayPostgres { control, _dir: dir }
     }
 
     /// The URL of its `postgres` database.
     pub fn url(&self) -> String {
-        format!(
-            "postgres://postgres@127.0.0.1:{}/postgres",
-            self.control.port
-        )
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.control.port)
     }
 
     /// A handle that starts and stops it.
@@ -155,22 +112,10 @@ impl Control {
         let options = format!(
             "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
             self.port,
-            self.data
-                .parent()
-                .map(Path::display)
-                .map(|d| d.to_string())
-                .unwrap_or_default()
+            self.data.parent().map(Path::display).map(|d| d.to_string()).unwrap_or_default()
         );
-        let (data, log) = (
-            self.data.display().to_string(),
-            self.log.display().to_string(),
-        );
-        self.run(
-            "pg_ctl",
-            &[
-                "-D", &data, "-l", &log, "-o", &options, "-w", "-t", "60", "start",
-            ],
-        );
+        let (data, log) = (self.data.display().to_string(), self.log.display().to_string());
+        self.run("pg_ctl", &["-D", &data, "-l", &log, "-o", &options, "-w", "-t", "60", "start"]);
     }
 
     /// Stops the server at once (connections are cut).
@@ -182,13 +127,7 @@ impl Control {
     fn run(&self, program: &str, args: &[&str]) {
         let path = self.bin.join(program);
         let output = if self.as_postgres_user {
-            Command::new("runuser")
-                .arg("-u")
-                .arg("postgres")
-                .arg("--")
-                .arg(&path)
-                .args(args)
-                .output()
+            Command::new("runuser").arg("-u").arg("postgres").arg("--").arg(&path).args(args).output()
         } else {
             Command::new(&path).args(args).output()
         }
@@ -211,15 +150,9 @@ impl Drop for ThrowawayPostgres {
         let data = control.data.display().to_string();
         let path = control.bin.join("pg_ctl");
         let _ = if control.as_postgres_user {
-            Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(&path)
-                .args(["-D", &data, "-m", "immediate", "stop"])
-                .output()
+            Command::new("runuser").args(["-u", "postgres", "--"]).arg(&path).args(["-D", &data, "-m", "immediate", "stop"]).output()
         } else {
-            Command::new(&path)
-                .args(["-D", &data, "-m", "immediate", "stop"])
-                .output()
+            Command::new(&path).args(["-D", &data, "-m", "immediate", "stop"]).output()
         };
     }
 }
@@ -231,39 +164,23 @@ fn postgres_bin_dir() -> PathBuf {
         return PathBuf::from(dir);
     }
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .expect(
-            "PostgreSQL server binaries under /usr/lib/postgresql (or set SIGNPOST_TEST_PG_BIN)",
-        )
+        .expect("PostgreSQL server binaries under /usr/lib/postgresql (or set SIGNPOST_TEST_PG_BIN)")
         .filter_map(|e| e.ok())
         .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
         .filter(|(_, bin)| bin.join("initdb").exists())
         .collect();
     versions.sort();
-    versions
-        .pop()
-        .map(|(_, bin)| bin)
-        .expect("an installed PostgreSQL server with initdb")
+    versions.pop().map(|(_, bin)| bin).expect("an installed PostgreSQL server with initdb")
 }
 
 fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
 
 fn chown_to_postgres(path: &Path) {
     let id = |flag: &str| -> u32 {
-        let out = Command::new("id")
-            .args([flag, "postgres"])
-            .output()
-            .expect("id postgres");
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .expect("the postgres user exists")
+        let out = Command::new("id").args([flag, "postgres"]).output().expect("id postgres");
+        String::from_utf8_lossy(&out.stdout).trim().parse().expect("the postgres user exists")
     };
-    std::os::unix::fs::chown(path, Some(id("-u")), Some(id("-g")))
-        .expect("chown the throwaway folder");
+    std::os::unix::fs::chown(path, Some(id("-u")), Some(id("-g"))).expect("chown the throwaway folder");
 }

@@ -19,10 +19,7 @@ pub struct RegistryBuilder {
 impl RegistryBuilder {
     /// A registry on `database_url` (none: the default SQLite file).
     pub fn new(database_url: Option<&str>) -> Self {
-        RegistryBuilder {
-            database_url: database_url.map(str::to_string),
-            ..Default::default()
-        }
+        RegistryBuilder { database_url: database_url.map(str::to_string), ..Default::default() }
     }
 
     /// Adds a command-line argument.
@@ -44,20 +41,10 @@ impl RegistryBuilder {
 
     /// Starts the process and waits until it listens.
     pub async fn start(self) -> Registry {
-        let dir = tempfile::Builder::new()
-            .prefix("signpost-registry-")
-            .tempdir()
-            .expect("temp dir");
+        let dir = tempfile::Builder::new().prefix("signpost-registry-").tempdir().expect("temp dir");
         let log = dir.path().join("registry.log");
         let mut command = Command::new(env!("CARGO_BIN_EXE_signpost-registry"));
-        command.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--log-level",
-            "info,signpost_registry=debug",
-        ]);
+        command.args(["--listen", "127.0.0.1:0", "--log-format", "json", "--log-level", "info,signpost_registry=debug"]);
         if let Some(url) = &self.database_url {
             command.args(["--database-url", url]);
         }
@@ -66,18 +53,10 @@ impl RegistryBuilder {
         }
         command.args(&self.args);
         command.current_dir(self.cwd.clone().unwrap_or_else(|| dir.path().to_path_buf()));
-        command
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
+        command.env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null());
         command.stderr(std::fs::File::create(&log).expect("log file"));
         let child = command.spawn().expect("start signpost-registry");
-        let mut registry = Registry {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            log,
-            _dir: dir,
-        };
+        let mut registry = Registry { child, addr: SocketAddr::from(([127, 0, 0, 1], 0)), log, _dir: dir };
         registry.addr = registry.wait_listening().await;
         registry
     }
@@ -107,16 +86,10 @@ impl Registry {
                 }
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "signpost-registry exited with {status} before listening; log:\n{}",
-                    self.log_text()
-                );
+                panic!("signpost-registry exited with {status} before listening; log:\n{}", self.log_text());
             }
             if Instant::now() > deadline {
-                panic!(
-                    "signpost-registry did not listen in time; log:\n{}",
-                    self.log_text()
-                );
+                panic!("signpost-registry did not listen in time; log:\n{}", self.log_text());
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -157,9 +130,7 @@ impl Registry {
 
     /// SIGTERM, then the exit code within `timeout` (None if still running).
     pub async fn terminate(&mut self, timeout: Duration) -> Option<i32> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -172,19 +143,8 @@ impl Registry {
 
     /// The value of an unlabelled metric, read from `/metrics`.
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        let text = reqwest::get(self.at("/metrics"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        text.lines().find_map(|line| {
-            line.strip_prefix(name)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
+        let text = reqwest::get(self.at("/metrics")).await.ok()?.text().await.ok()?;
+        text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 }
 
