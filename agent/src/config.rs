@@ -1,0 +1,501 @@
+//! The agent's settings: [`AgentConfig`] (defaults, TOML file, `SIGNPOST_…` environment,
+//! flags) with the local services it runs, and the command line that feeds it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+use signpost_shared::config::{self, ConfigError, LogFormat, Secret};
+use signpost_shared::model::{DEFAULT_TTL_S, DEFAULT_WEIGHT, Registration, host_port};
+use signpost_shared::validate::{self, ValidationErrors};
+use url::Url;
+
+/// Every setting of the agent. Durations are written `500ms`, `2s`, `1m`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This agent's node name, unique in the cluster (default: the host name).
+    pub node: Option<String>,
+    /// This agent's zone; lookups' `pick` prefers instances of the same zone.
+    pub zone: Option<String>,
+    /// Address other hosts reach this host's services at (default: the gossip address's IP).
+    pub address: Option<String>,
+    /// Address of the local HTTP API (loopback by default).
+    pub listen: SocketAddr,
+    /// UDP address gossip listens on.
+    pub gossip_listen: SocketAddr,
+    /// Address peers gossip to (default: `gossip_listen`, with a routable IP if it is 0.0.0.0).
+    pub gossip_advertise: Option<SocketAddr>,
+    /// Gossip peers to start from, `host:port` (the registry's agent list is used too).
+    pub seeds: Vec<String>,
+    /// Agents of another cluster id are not let in.
+    pub cluster_id: String,
+    /// Registry URLs, tried in order.
+    pub registry: Vec<Url>,
+    /// Bearer token for the registry.
+    pub token: Option<Secret>,
+    /// File holding the token.
+    pub token_file: Option<PathBuf>,
+    /// Folder of the persisted catalog cache.
+    pub data_dir: PathBuf,
+    /// The local services this agent registers and checks.
+    pub services: Vec<ServiceConfig>,
+    /// Per service name, the least healthy share below which lookups answer every instance
+    /// (the panic threshold); e.g. `{ web = 0.5 }`.
+    pub protection_thresholds: BTreeMap<String, f64>,
+    /// Time between two gossip rounds.
+    #[serde(with = "signpost_shared::duration")]
+    pub gossip_interval: Duration,
+    /// Failure detector: phi above which a peer is dead.
+    pub phi_threshold: f64,
+    /// How long a dead peer is remembered before it is forgotten.
+    #[serde(with = "signpost_shared::duration")]
+    pub dead_node_grace: Duration,
+    /// Lease of each registration; heartbeats go out at a third of it.
+    pub lease_ttl_s: u32,
+    /// How long one blocking catalog query waits at the registry.
+    #[serde(with = "signpost_shared::duration")]
+    pub catalog_wait: Duration,
+    /// Log format: `human` or `json`.
+    pub log_format: LogFormat,
+    /// Log filter, `RUST_LOG` syntax.
+    pub log_level: String,
+    /// Longest time to leave cleanly on SIGTERM/SIGINT.
+    #[serde(with = "signpost_shared::duration")]
+    pub shutdown_grace: Duration,
+}
+
+/// A local service as configured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// The service's name (a DNS label).
+    pub name: String,
+    /// Its port.
+    pub port: u16,
+    /// Instance id (default: `{node}-{name}-{port}`, stable across restarts).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Address (default: the agent's).
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Meta pairs.
+    #[serde(default)]
+    pub meta: BTreeMap<String, String>,
+    /// Weight (default 100).
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// Zone (default: the agent's).
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Its checks; none means it is passing while the agent runs.
+    #[serde(default)]
+    pub checks: Vec<CheckConfig>,
+}
+
+/// One check of a local service: exactly one of `http`, `tcp` and `ttl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckConfig {
+    /// Check id (default: `{instance id}:{n}`), used by `PUT /v1/agent/checks/{id}/…`.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// URL: 2xx passing, 429 warning, anything else or a timeout critical.
+    #[serde(default)]
+    pub http: Option<String>,
+    /// `host:port` that must accept a connection.
+    #[serde(default)]
+    pub tcp: Option<String>,
+    /// The application reports through the agent's API at least this often.
+    #[serde(default, with = "signpost_shared::duration::option")]
+    pub ttl: Option<Duration>,
+    /// Time between two probes (default 10s).
+    #[serde(default = "default_interval", with = "signpost_shared::duration")]
+    pub interval: Duration,
+    /// Longest probe (default 2s).
+    #[serde(default = "default_timeout", with = "signpost_shared::duration")]
+    pub timeout: Duration,
+    /// Successes in a row that make it passing (default 1).
+    #[serde(default = "one")]
+    pub successes_before_passing: u32,
+    /// Failures in a row that make it critical (default 1).
+    #[serde(default = "one")]
+    pub failures_before_critical: u32,
+}
+
+fn default_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            node: None,
+            zone: None,
+            address: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7301)),
+            gossip_listen: SocketAddr::from(([0, 0, 0, 0], 7302)),
+            gossip_advertise: None,
+            seeds: vec![],
+            cluster_id: "signpost".into(),
+            registry: vec![Url::parse("http://127.0.0.1:7300").unwrap_or_else(|_| unreachable!("a valid literal URL"))],
+            token: None,
+            token_file: None,
+            data_dir: PathBuf::from("./signpost-data"),
+            services: vec![],
+            protection_thresholds: BTreeMap::new(),
+            gossip_interval: Duration::from_millis(100),
+            phi_threshold: 8.0,
+            dead_node_grace: Duration::from_secs(15 * 60),
+            lease_ttl_s: DEFAULT_TTL_S,
+            catalog_wait: Duration::from_secs(30),
+            log_format: LogFormat::Human,
+            log_level: "info,chitchat=warn".into(),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+impl CheckConfig {
+    /// Records every problem of this check under `field`.
+    pub fn validate_into(&self, field: &str, errors: &mut ValidationErrors) {
+        let targets = [self.http.is_some(), self.tcp.is_some(), self.ttl.is_some()].iter().filter(|t| **t).count();
+        if targets != 1 {
+            errors.add(field, "exactly one of `http`, `tcp` and `ttl` must be set");
+        }
+        if let Some(url) = &self.http {
+            let ok = Url::parse(url).ok().is_some_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some());
+            if !ok {
+                errors.add(format!("{field}.http"), format!("`{}` must be an http:// or https:// URL", validate::clip(url)));
+            }
+        }
+        if let Some(addr) = &self.tcp {
+            errors.check(format!("{field}.tcp"), host_port(addr));
+        }
+        if let Some(ttl) = self.ttl
+            && (ttl < Duration::from_millis(100) || ttl > Duration::from_secs(86_400))
+        {
+            errors.add(format!("{field}.ttl"), "must be between 100ms and 24h");
+        }
+        if let Some(id) = &self.id {
+            errors.check(format!("{field}.id"), validate::instance_id(id));
+        }
+        if self.interval < Duration::from_millis(100) || self.interval > Duration::from_secs(3600) {
+            errors.add(format!("{field}.interval"), "must be between 100ms and 1h");
+        }
+        if self.timeout.is_zero() || self.timeout > self.interval {
+            errors.add(format!("{field}.timeout"), "must be more than 0 and at most the interval");
+        }
+        for (name, value) in [("successes_before_passing", self.successes_before_passing), ("failures_before_critical", self.failures_before_critical)] {
+            if !(1..=100).contains(&value) {
+                errors.add(format!("{field}.{name}"), "must be 1-100");
+            }
+        }
+    }
+}
+
+impl ServiceConfig {
+    /// The instance id: configured, or `{node}-{name}-{port}`.
+    pub fn instance_id(&self, node: &str) -> String {
+        self.id.clone().unwrap_or_else(|| format!("{node}-{}-{}", self.name, self.port))
+    }
+
+    /// Checks the service and its checks; `field` names it in errors.
+    pub fn validate_into(&self, field: &str, node: &str, address: &str, errors: &mut ValidationErrors) {
+        let registration = self.registration(node, address, None);
+        if let Err(problems) = registration.validate() {
+            for problem in problems.0 {
+                let name = if problem.field == "service" { "name".to_string() } else { problem.field };
+                errors.add(format!("{field}.{name}"), problem.problem);
+            }
+        }
+        for (i, check) in self.checks.iter().enumerate() {
+            check.validate_into(&format!("{field}.checks[{i}]"), errors);
+        }
+    }
+
+    /// The registration this service sends to the registry.
+    pub fn registration(&self, node: &str, address: &str, zone: Option<&str>) -> Registration {
+        Registration {
+            id: self.instance_id(node),
+            service: self.name.clone(),
+            address: self.address.clone().unwrap_or_else(|| address.to_string()),
+            port: i64::from(self.port),
+            tags: self.tags.clone(),
+            meta: self.meta.clone(),
+            weight: Some(i64::from(self.weight.unwrap_or(DEFAULT_WEIGHT))),
+            zone: self.zone.clone().or_else(|| zone.map(str::to_string)),
+            health: None,
+            node: Some(node.to_string()),
+            check: None,
+            ttl_s: None,
+        }
+    }
+}
+
+impl AgentConfig {
+    /// The node name: configured, or the host name.
+    pub fn node_name(&self) -> String {
+        self.node.clone().unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned())
+    }
+
+    /// Resolves the token file and checks every rule serde cannot express.
+    pub fn finish(mut self) -> Result<Self, ConfigError> {
+        if let Some(path) = self.token_file.take() {
+            self.token = Some(Secret::from_file(&path)?);
+        }
+        let node = self.node_name();
+        let mut errors = ValidationErrors::default();
+        errors.check("node", validate::node_name(&node));
+        if let Some(zone) = &self.zone {
+            errors.check("zone", validate::dns_label(zone));
+        }
+        if let Some(address) = &self.address {
+            errors.check("address", validate::address(address));
+        }
+        errors.check("cluster_id", validate::node_name(&self.cluster_id));
+        if self.registry.is_empty() {
+            errors.add("registry", "at least one registry URL is needed");
+        }
+        for (i, url) in self.registry.iter().enumerate() {
+            if !matches!(url.scheme(), "http" | "https") {
+                errors.add(format!("registry[{i}]"), "must be an http:// or https:// URL");
+            }
+        }
+        for (i, seed) in self.seeds.iter().enumerate() {
+            errors.check(format!("seeds[{i}]"), host_port(seed));
+        }
+        for (name, share) in &self.protection_thresholds {
+            errors.check(format!("protection_thresholds.{}", validate::clip(name)), validate::dns_label(name));
+            if !(0.0..=1.0).contains(share) {
+                errors.add(format!("protection_thresholds.{}", validate::clip(name)), "must be between 0.0 and 1.0");
+            }
+        }
+        if self.gossip_interval < Duration::from_millis(10) || self.gossip_interval > Duration::from_secs(10) {
+            errors.add("gossip_interval", "must be between 10ms and 10s");
+        }
+        if !(1.0..=100.0).contains(&self.phi_threshold) {
+            errors.add("phi_threshold", "must be between 1 and 100");
+        }
+        errors.check("lease_ttl_s", validate::in_range(i64::from(self.lease_ttl_s), 3, 86_400));
+        if self.catalog_wait < Duration::from_secs(1) || self.catalog_wait > Duration::from_secs(600) {
+            errors.add("catalog_wait", "must be between 1s and 10m");
+        }
+        let address = self.address.clone().unwrap_or_else(|| "127.0.0.1".into());
+        let mut ids = std::collections::BTreeSet::new();
+        for (i, service) in self.services.iter().enumerate() {
+            service.validate_into(&format!("services[{i}]"), &node, &address, &mut errors);
+            if !ids.insert(service.instance_id(&node)) {
+                errors.add(format!("services[{i}]"), format!("instance id `{}` is used twice", service.instance_id(&node)));
+            }
+        }
+        errors.into_result(self).map_err(|e| ConfigError::Rule(e.to_string()))
+    }
+}
+
+/// signpost-agent: the Signpost sidecar. It registers and health-checks the local services,
+/// gossips with the other agents, keeps the whole catalog in memory and answers lookups on
+/// localhost.
+///
+/// Every setting can also come from the TOML file given with --config or from an environment
+/// variable SIGNPOST_<NAME>; flags win over the environment, which wins over the file.
+/// Durations are written 500ms, 2s, 1m.
+#[derive(Debug, Parser)]
+#[command(name = "signpost-agent", version, about, long_about)]
+pub struct Cli {
+    /// What to do (default: run).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The settings.
+    #[command(flatten)]
+    pub flags: Flags,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent (the default).
+    Run,
+}
+
+/// Flags; each overrides the setting of the same name.
+#[derive(Debug, Default, clap::Args, Serialize)]
+pub struct Flags {
+    /// TOML file with settings (services in [[services]] tables).
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Folder of the persisted catalog cache [default: ./signpost-data].
+    #[arg(long, value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// Registry URL; repeat for fail-over in order [default: http://127.0.0.1:7300].
+    #[arg(long = "registry", value_name = "URL")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub registry: Vec<String>,
+    /// A local service as NAME:PORT (more in the config file).
+    #[arg(long, value_name = "NAME:PORT")]
+    #[serde(skip)]
+    pub service: Option<String>,
+    /// HTTP check URL of --service.
+    #[arg(long, value_name = "URL", requires = "service")]
+    #[serde(skip)]
+    pub check_http: Option<String>,
+    /// TCP check address of --service.
+    #[arg(long, value_name = "ADDR", requires = "service", conflicts_with = "check_http")]
+    #[serde(skip)]
+    pub check_tcp: Option<String>,
+    /// Interval of the --service check [default: 10s].
+    #[arg(long, value_name = "DURATION", requires = "service")]
+    #[serde(skip)]
+    pub check_interval: Option<String>,
+    /// This agent's node name [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// This agent's zone [default: none].
+    #[arg(long, value_name = "ZONE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Address others reach the local services at [default: the gossip address's IP].
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Address of the local HTTP API [default: 127.0.0.1:7301].
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// UDP address gossip listens on [default: 0.0.0.0:7302].
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gossip_listen: Option<String>,
+    /// Address peers gossip to [default: the listen address].
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gossip_advertise: Option<String>,
+    /// A gossip peer host:port; repeatable [default: the registry's agent list].
+    #[arg(long = "seed", value_name = "ADDR")]
+    #[serde(rename = "seeds", skip_serializing_if = "Vec::is_empty")]
+    pub seed: Vec<String>,
+    /// Cluster id; agents of another id are not let in [default: signpost].
+    #[arg(long, value_name = "ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
+    /// Bearer token for the registry [default: none].
+    #[arg(long, value_name = "TOKEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// File holding the token.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Time between two gossip rounds [default: 100ms].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gossip_interval: Option<String>,
+    /// Failure detector threshold [default: 8].
+    #[arg(long, value_name = "PHI")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phi_threshold: Option<f64>,
+    /// How long a dead peer is remembered [default: 15m].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_node_grace: Option<String>,
+    /// Lease of each registration in seconds [default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_ttl_s: Option<u32>,
+    /// Wait of one blocking catalog query [default: 30s].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub catalog_wait: Option<String>,
+    /// Log format: human or json [default: human].
+    #[arg(long, value_name = "FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<String>,
+    /// Log filter in RUST_LOG syntax [default: info,chitchat=warn].
+    #[arg(long, value_name = "FILTER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+    /// Longest time to leave cleanly [default: 5s].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_grace: Option<String>,
+}
+
+/// Loads the configuration from the layers, with `flags` on top; `--service` adds one
+/// service to those of the file.
+pub fn load(flags: &Flags) -> Result<AgentConfig, ConfigError> {
+    let figment = config::figment(&AgentConfig::default(), flags.config.as_deref(), flags)?;
+    let mut agent: AgentConfig = config::extract(&figment)?;
+    if let Some(service) = &flags.service {
+        agent.services.push(service_flag(service, flags)?);
+    }
+    agent.finish()
+}
+
+fn service_flag(text: &str, flags: &Flags) -> Result<ServiceConfig, ConfigError> {
+    let bad = || ConfigError::Rule(format!("--service `{}` must be NAME:PORT", validate::clip(text)));
+    let (name, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let interval = match &flags.check_interval {
+        Some(text) => signpost_shared::duration::parse(text).map_err(|e| ConfigError::Rule(format!("--check-interval: {e}")))?,
+        None => default_interval(),
+    };
+    let check = |http: Option<String>, tcp: Option<String>| CheckConfig {
+        id: None,
+        http,
+        tcp,
+        ttl: None,
+        interval,
+        timeout: default_timeout().min(interval),
+        successes_before_passing: 1,
+        failures_before_critical: 1,
+    };
+    let checks = match (&flags.check_http, &flags.check_tcp) {
+        (Some(url), _) => vec![check(Some(url.clone()), None)],
+        (None, Some(addr)) => vec![check(None, Some(addr.clone()))],
+        (None, None) => vec![],
+    };
+    Ok(ServiceConfig { name: name.to_string(), port, id: None, address: None, tags: vec![], meta: BTreeMap::new(), weight: None, zone: None, checks })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(service: &str) -> Flags {
+        Flags { service: Some(service.into()), node: Some("node-a".into()), ..Flags::default() }
+    }
+
+    #[test]
+    fn one_flag_is_enough_for_one_service() {
+        let config = load(&flags("web:8080")).expect("valid");
+        assert_eq!(config.services.len(), 1);
+        assert_eq!(config.services[0].instance_id("node-a"), "node-a-web-8080");
+        assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 7301)));
+    }
+
+    #[test]
+    fn service_flag_errors_are_clear() {
+        assert!(load(&flags("web")).expect_err("no port").to_string().contains("NAME:PORT"));
+        assert!(load(&flags("Web_1:80")).expect_err("bad name").to_string().contains("services[0].name"));
+        let mut f = flags("web:80");
+        f.check_http = Some("ftp://x".into());
+        assert!(load(&f).expect_err("bad check").to_string().contains("checks[0].http"));
+    }
+}

@@ -1,0 +1,288 @@
+//! The chitchat adapter. Each agent publishes its own instances in its node state
+//! (`inst:{id}` → JSON, plus `agent`), reads every live peer's instances into a
+//! [`GossipView`] whenever the live set or a live node's state changes, and learns peers from
+//! the registry's agent list. A peer's value that fails to decode or validate is logged once
+//! and skipped; it never reaches the cache.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chitchat::transport::UdpTransport;
+use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState, spawn_chitchat};
+use serde::Serialize;
+use signpost_shared::gossip::{self, AGENT_KEY, AgentValue, FORMAT_VERSION, GossipInstance, INSTANCE_PREFIX};
+use signpost_shared::model::Health;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::Cache;
+use crate::local::LocalState;
+use crate::metrics::Metrics;
+
+/// Gossip settings.
+#[derive(Debug, Clone)]
+pub struct GossipConfig {
+    /// This node's name.
+    pub node: String,
+    /// Cluster id.
+    pub cluster_id: String,
+    /// UDP bind address.
+    pub listen: SocketAddr,
+    /// Address peers use.
+    pub advertise: SocketAddr,
+    /// Seeds from the configuration.
+    pub seeds: Vec<String>,
+    /// Round interval.
+    pub interval: Duration,
+    /// Failure detector threshold.
+    pub phi_threshold: f64,
+    /// How long dead peers are remembered.
+    pub dead_node_grace: Duration,
+    /// This agent's HTTP address, published under `agent`.
+    pub http_addr: String,
+    /// This agent's zone.
+    pub zone: Option<String>,
+}
+
+/// One live peer (or this agent) as gossip describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// Its HTTP address.
+    pub http: String,
+    /// Its zone.
+    pub zone: Option<String>,
+    /// Its instances, by id.
+    pub instances: BTreeMap<String, GossipInstance>,
+}
+
+/// A member as `GET /v1/agent/members` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Member {
+    /// Node name.
+    pub node: String,
+    /// Gossip address.
+    pub gossip_addr: String,
+    /// `alive` or `dead`.
+    pub state: &'static str,
+    /// Its HTTP address, when known.
+    pub http_addr: Option<String>,
+    /// Its zone.
+    pub zone: Option<String>,
+    /// Instances it publishes.
+    pub instances: usize,
+}
+
+/// What gossip says: live nodes with their instances, and nodes found dead.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GossipView {
+    /// Live nodes (this agent included), by node name.
+    pub live: BTreeMap<String, Peer>,
+    /// Nodes the failure detector found dead and that have no live generation.
+    pub dead: BTreeSet<String>,
+    /// Every member, for the API.
+    pub members: Vec<Member>,
+}
+
+/// The running gossip: the chitchat handle and what it needs.
+pub struct Gossip {
+    handle: ChitchatHandle,
+    config: GossipConfig,
+}
+
+impl Gossip {
+    /// Binds the UDP socket and starts chitchat.
+    pub async fn start(config: GossipConfig, local: &LocalState) -> anyhow::Result<Gossip> {
+        let generation = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or_default();
+        let chitchat_config = ChitchatConfig {
+            chitchat_id: ChitchatId::new(config.node.clone(), generation, config.advertise),
+            cluster_id: config.cluster_id.clone(),
+            gossip_interval: config.interval,
+            listen_addr: config.listen,
+            seed_nodes: config.seeds.clone(),
+            failure_detector_config: FailureDetectorConfig {
+                phi_threshold: config.phi_threshold,
+                sampling_window_size: 1000,
+                max_interval: Duration::from_secs(10),
+                initial_interval: config.interval,
+                dead_node_grace_period: config.dead_node_grace,
+            },
+            marked_for_deletion_grace_period: config.dead_node_grace,
+            catchup_callback: None,
+            // A peer counts as live only once it has said who it is.
+            extra_liveness_predicate: Some(Box::new(|state: &NodeState| state.get(AGENT_KEY).is_some())),
+            protocol_version: chitchat::ProtocolVersion::V0,
+        };
+        let initial = own_key_values(&config, local, None);
+        let handle = spawn_chitchat(chitchat_config, initial, &UdpTransport).await?;
+        Ok(Gossip { handle, config })
+    }
+
+    /// Publishes `local` in this node's state: sets what changed, deletes what left.
+    pub async fn publish(&self, local: &LocalState, force_health: Option<Health>) {
+        let wanted: BTreeMap<String, String> = own_key_values(&self.config, local, force_health).into_iter().collect();
+        self.handle
+            .with_chitchat(|chitchat| {
+                let state = chitchat.self_node_state();
+                let stale: Vec<String> = state.key_values().filter(|(k, _)| k.starts_with(INSTANCE_PREFIX) && !wanted.contains_key(*k)).map(|(k, _)| k.to_string()).collect();
+                for key in stale {
+                    state.delete(&key);
+                }
+                for (key, value) in &wanted {
+                    state.set(key, value);
+                }
+            })
+            .await;
+    }
+
+    /// Reads every node's state into a view.
+    pub async fn view(&self, metrics: &Metrics, reported: &mut HashSet<(String, String, u64)>) -> GossipView {
+        self.handle
+            .with_chitchat(|chitchat| {
+                let live_ids: Vec<ChitchatId> = chitchat.live_nodes().cloned().collect();
+                let mut view = GossipView::default();
+                for id in &live_ids {
+                    let Some(state) = chitchat.node_state(id) else { continue };
+                    if let Some(peer) = read_peer(id, state, metrics, reported) {
+                        view.members.push(member(id, "alive", Some(&peer)));
+                        view.live.insert(id.node_id.to_string(), peer);
+                    }
+                }
+                for id in chitchat.dead_nodes() {
+                    if !view.live.contains_key(id.node_id.as_ref()) {
+                        view.dead.insert(id.node_id.to_string());
+                        view.members.push(member(id, "dead", None));
+                    }
+                }
+                view
+            })
+            .await
+    }
+
+    /// Waits for the live set or a live node's state to change.
+    pub async fn watcher(&self) -> tokio::sync::watch::Receiver<BTreeMap<ChitchatId, NodeState>> {
+        self.handle.with_chitchat(|c| c.live_nodes_watcher()).await
+    }
+
+    /// Asks chitchat to gossip with `addr` (a peer learned after start).
+    pub fn introduce(&self, addr: SocketAddr) {
+        if addr != self.config.advertise {
+            let _ = self.handle.gossip(addr);
+        }
+    }
+
+    /// Completes if the gossip loop stopped on its own.
+    pub fn termination(&self) -> impl std::future::Future<Output = anyhow::Result<()>> + use<> {
+        self.handle.termination_watcher()
+    }
+
+    /// Stops the gossip loop.
+    pub async fn shutdown(self) {
+        if let Err(e) = self.handle.shutdown().await {
+            tracing::warn!(error = %e, "gossip did not stop cleanly");
+        }
+    }
+
+    /// The gossip settings.
+    pub fn config(&self) -> &GossipConfig {
+        &self.config
+    }
+}
+
+/// This node's keys: `agent` and one `inst:{id}` per local service; a value too large to
+/// gossip is left out (and logged), so that it cannot stall the rest.
+fn own_key_values(config: &GossipConfig, local: &LocalState, force_health: Option<Health>) -> Vec<(String, String)> {
+    let agent = AgentValue { v: FORMAT_VERSION, http: config.http_addr.clone(), zone: config.zone.clone() };
+    let mut out = Vec::new();
+    let mut total = 0;
+    if let Ok(value) = gossip::encode(&agent) {
+        total += value.len();
+        out.push((AGENT_KEY.to_string(), value));
+    }
+    for service in local.services() {
+        let spec = &service.spec;
+        let instance = GossipInstance {
+            v: FORMAT_VERSION,
+            service: spec.service.clone(),
+            address: spec.address.clone(),
+            port: spec.port,
+            tags: spec.tags.clone(),
+            meta: spec.meta.clone(),
+            weight: spec.weight,
+            zone: spec.zone.clone(),
+            health: force_health.unwrap_or_else(|| service.health()),
+            output: service.output().map(|o| GossipInstance::clip_output(&o)),
+        };
+        match gossip::encode(&instance) {
+            Ok(value) if total + value.len() <= gossip::MAX_NODE_STATE_BYTES => {
+                total += value.len();
+                out.push((gossip::instance_key(&spec.id), value));
+            }
+            Ok(_) => tracing::error!(instance = %spec.id, "this agent's gossip state is full; the instance is not gossiped (the registry still has it)"),
+            Err(e) => tracing::error!(instance = %spec.id, error = %e, "the instance is too large to gossip"),
+        }
+    }
+    out
+}
+
+fn read_peer(id: &ChitchatId, state: &NodeState, metrics: &Metrics, reported: &mut HashSet<(String, String, u64)>) -> Option<Peer> {
+    let mut refuse = |key: &str, error: &dyn std::fmt::Display| {
+        let version = state.get_versioned(key).map(|v| v.version).unwrap_or_default();
+        metrics.bad_gossip_value();
+        if reported.insert((id.node_id.to_string(), key.to_string(), version)) {
+            tracing::warn!(node = %id.node_id, key, error = %error, "skipping a malformed gossip value");
+        }
+    };
+    let agent = match AgentValue::decode(state.get(AGENT_KEY)?) {
+        Ok(agent) => agent,
+        Err(e) => {
+            refuse(AGENT_KEY, &e);
+            return None;
+        }
+    };
+    let mut instances = BTreeMap::new();
+    for (key, value) in state.iter_prefix(INSTANCE_PREFIX) {
+        let instance_id = &key[INSTANCE_PREFIX.len()..];
+        match GossipInstance::decode(instance_id, &value.value) {
+            Ok(instance) => {
+                instances.insert(instance_id.to_string(), instance);
+            }
+            Err(e) => refuse(key, &e),
+        }
+    }
+    Some(Peer { http: agent.http, zone: agent.zone, instances })
+}
+
+fn member(id: &ChitchatId, state: &'static str, peer: Option<&Peer>) -> Member {
+    Member {
+        node: id.node_id.to_string(),
+        gossip_addr: id.gossip_advertise_addr.to_string(),
+        state,
+        http_addr: peer.map(|p| p.http.clone()),
+        zone: peer.and_then(|p| p.zone.clone()),
+        instances: peer.map(|p| p.instances.len()).unwrap_or(0),
+    }
+}
+
+/// Publishes local changes and reads peers' changes into the cache, until cancelled.
+pub async fn run(gossip: Arc<Gossip>, local: Arc<LocalState>, cache: Arc<Cache>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let mut local_changes = local.subscribe();
+    let mut peers = gossip.watcher().await;
+    let mut reported = HashSet::new();
+    // Dead nodes do not change a live node's state: look again at every few rounds too.
+    let mut ticker = tokio::time::interval(gossip.config().interval * 2);
+    loop {
+        let view = gossip.view(&metrics, &mut reported).await;
+        metrics.members(view.live.len(), view.dead.len());
+        cache.set_gossip(view);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = local_changes.changed() => {
+                if changed.is_err() { return }
+                gossip.publish(&local, None).await;
+            }
+            changed = peers.changed() => if changed.is_err() { return },
+            _ = ticker.tick() => {}
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! The saved cache: what the registry last said, written with bincode so that a restarted
+//! agent answers lookups at once, before the registry or gossip do. The file is
+//! `magic | format version | length | CRC-32 | bincode body`, written to a temporary file,
+//! synced and renamed into place; a file that is corrupt, truncated or of another version is
+//! logged and ignored.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use signpost_shared::model::{CheckSpec, Health, Instance};
+use signpost_shared::wire::AgentInfo;
+
+use crate::cache::RegistryView;
+
+const MAGIC: &[u8; 4] = b"SPC\0";
+/// The format version this code writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Largest body read back (a corrupt length cannot make the agent allocate more).
+const MAX_BODY: usize = 256 * 1024 * 1024;
+const HEADER: usize = 4 + 4 + 8 + 4;
+
+/// Why the saved cache could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    /// Reading or writing the file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a saved cache of this format.
+    #[error("{path}: {problem}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+// bincode is not self-describing: these mirror the model without serde attributes that skip
+// fields, and keep times as milliseconds.
+#[derive(Debug, Serialize, Deserialize)]
+struct Saved {
+    saved_at_ms: i64,
+    confirmed_at_ms: Option<i64>,
+    self_preservation: bool,
+    instances: Vec<SavedInstance>,
+    agents: Vec<SavedAgent>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedInstance {
+    id: String,
+    service: String,
+    address: String,
+    port: u16,
+    tags: Vec<String>,
+    meta: BTreeMap<String, String>,
+    weight: u32,
+    zone: Option<String>,
+    health: String,
+    output: Option<String>,
+    maintenance_reason: Option<String>,
+    node: Option<String>,
+    check: Option<(Option<String>, Option<String>, u64, u64)>,
+    ttl_s: u32,
+    index: u64,
+    times_ms: (i64, i64, i64),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedAgent {
+    node: String,
+    gossip_addr: String,
+    http_addr: String,
+    zone: Option<String>,
+    alive: bool,
+    times_ms: (i64, i64),
+}
+
+fn ms(time: DateTime<Utc>) -> i64 {
+    time.timestamp_millis()
+}
+
+fn time(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+impl From<&Instance> for SavedInstance {
+    fn from(i: &Instance) -> Self {
+        SavedInstance {
+            id: i.id.clone(),
+            service: i.service.clone(),
+            address: i.address.clone(),
+            port: i.port,
+            tags: i.tags.clone(),
+            meta: i.meta.clone(),
+            weight: i.weight,
+            zone: i.zone.clone(),
+            health: i.health.as_str().to_string(),
+            output: i.output.clone(),
+            maintenance_reason: i.maintenance_reason.clone(),
+            node: i.node.clone(),
+            check: i.check.as_ref().map(|c| (c.http.clone(), c.tcp.clone(), c.interval.as_millis() as u64, c.timeout.as_millis() as u64)),
+            ttl_s: i.ttl_s,
+            index: i.index,
+            times_ms: (ms(i.registered_at), ms(i.updated_at), ms(i.lease_expires_at)),
+        }
+    }
+}
+
+impl SavedInstance {
+    fn restore(self) -> Result<Instance, String> {
+        let health: Health = self.health.parse()?;
+        Ok(Instance {
+            id: self.id,
+            service: self.service,
+            address: self.address,
+            port: self.port,
+            tags: self.tags,
+            meta: self.meta,
+            weight: self.weight,
+            zone: self.zone,
+            health,
+            output: self.output,
+            maintenance_reason: self.maintenance_reason,
+            node: self.node,
+            check: self.check.map(|(http, tcp, interval, timeout)| CheckSpec {
+                http,
+                tcp,
+                interval: std::time::Duration::from_millis(interval),
+                timeout: std::time::Duration::from_millis(timeout),
+            }),
+            ttl_s: self.ttl_s,
+            index: self.index,
+            registered_at: time(self.times_ms.0),
+            updated_at: time(self.times_ms.1),
+            lease_expires_at: time(self.times_ms.2),
+        })
+    }
+}
+
+/// The path of the saved cache in `data_dir`.
+pub fn path(data_dir: &Path) -> PathBuf {
+    data_dir.join("catalog-cache.bin")
+}
+
+/// Writes `view` atomically.
+pub fn save(file: &Path, view: &RegistryView) -> Result<(), PersistError> {
+    let io = |source| PersistError::Io { path: file.to_path_buf(), source };
+    let saved = Saved {
+        saved_at_ms: Utc::now().timestamp_millis(),
+        confirmed_at_ms: view.confirmed_at.map(ms),
+        self_preservation: view.self_preservation,
+        instances: view.instances.iter().map(SavedInstance::from).collect(),
+        agents: view
+            .agents
+            .iter()
+            .map(|a| SavedAgent {
+                node: a.node.clone(),
+                gossip_addr: a.gossip_addr.clone(),
+                http_addr: a.http_addr.clone(),
+                zone: a.zone.clone(),
+                alive: a.alive,
+                times_ms: (ms(a.updated_at), ms(a.lease_expires_at)),
+            })
+            .collect(),
+    };
+    let body = bincode::serde::encode_to_vec(&saved, bincode::config::standard())
+        .map_err(|e| PersistError::Corrupt { path: file.to_path_buf(), problem: format!("cannot encode: {e}") })?;
+    let mut bytes = Vec::with_capacity(HEADER + body.len());
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    bytes.extend_from_slice(&body);
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let temp = file.with_extension("bin.tmp");
+    let mut out = std::fs::File::create(&temp).map_err(io)?;
+    out.write_all(&bytes).map_err(io)?;
+    out.sync_all().map_err(io)?;
+    drop(out);
+    std::fs::rename(&temp, file).map_err(io)?;
+    if let Some(dir) = file.parent()
+        && let Ok(dir) = std::fs::File::open(dir)
+    {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+/// Reads the saved cache; `Ok(None)` when there is none.
+pub fn load(file: &Path) -> Result<Option<RegistryView>, PersistError> {
+    let bytes = match std::fs::read(file) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(PersistError::Io { path: file.to_path_buf(), source }),
+    };
+    let corrupt = |problem: String| PersistError::Corrupt { path: file.to_path_buf(), problem };
+    if bytes.len() < HEADER || &bytes[..4] != MAGIC {
+        return Err(corrupt("not a Signpost cache file".into()));
+    }
+    let word = |range: std::ops::Range<usize>| bytes.get(range).unwrap_or_default();
+    let version = u32::from_le_bytes(word(4..8).try_into().map_err(|_| corrupt("short header".into()))?);
+    if version != FORMAT_VERSION {
+        return Err(corrupt(format!("format version {version}; this agent reads {FORMAT_VERSION}")));
+    }
+    let length = u64::from_le_bytes(word(8..16).try_into().map_err(|_| corrupt("short header".into()))?) as usize;
+    let crc = u32::from_le_bytes(word(16..20).try_into().map_err(|_| corrupt("short header".into()))?);
+    let body = &bytes[HEADER..];
+    if length > MAX_BODY || body.len() != length {
+        return Err(corrupt(format!("body is {} bytes, the header says {length}", body.len())));
+    }
+    if crc32fast::hash(body) != crc {
+        return Err(corrupt("checksum mismatch".into()));
+    }
+    let config = bincode::config::standard().with_limit::<MAX_BODY>();
+    let (saved, _): (Saved, usize) = bincode::serde::decode_from_slice(body, config).map_err(|e| corrupt(format!("cannot decode: {e}")))?;
+    let instances = saved.instances.into_iter().map(SavedInstance::restore).collect::<Result<Vec<_>, _>>().map_err(corrupt)?;
+    let agents = saved
+        .agents
+        .into_iter()
+        .map(|a| AgentInfo { node: a.node, gossip_addr: a.gossip_addr, http_addr: a.http_addr, zone: a.zone, alive: a.alive, updated_at: time(a.times_ms.0), lease_expires_at: time(a.times_ms.1) })
+        .collect();
+    // Index 0: the feed starts with a full fetch.
+    Ok(Some(RegistryView { index: 0, self_preservation: saved.self_preservation, instances, agents, confirmed_at: saved.confirmed_at_ms.map(time) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view() -> RegistryView {
+        let instance: Instance = serde_json::from_value(serde_json::json!({
+            "id": "web-1", "service": "web", "address": "10.0.0.1", "port": 80, "tags": ["a"], "meta": {"k": "v"},
+            "weight": 100, "zone": null, "health": "warning", "output": "slow", "maintenance_reason": null,
+            "node": "n1", "check": {"tcp": "10.0.0.1:80", "interval": "1s", "timeout": "500ms"}, "ttl_s": 30, "index": 7,
+            "registered_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:01Z", "lease_expires_at": "2026-01-01T00:00:31Z"
+        }))
+        .expect("instance");
+        RegistryView { index: 9, self_preservation: false, instances: vec![instance], agents: vec![], confirmed_at: Some(time(1_700_000_000_000)) }
+    }
+
+    #[test]
+    fn round_trips() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = path(dir.path());
+        assert!(load(&file).expect("no file is fine").is_none());
+        save(&file, &view()).expect("save");
+        let loaded = load(&file).expect("load").expect("some");
+        assert_eq!(loaded.instances, view().instances);
+        assert_eq!(loaded.confirmed_at, view().confirmed_at);
+        assert_eq!(loaded.index, 0, "a restarted agent fetches everything again");
+    }
+
+    #[test]
+    fn corrupt_files_are_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = path(dir.path());
+        save(&file, &view()).expect("save");
+        let good = std::fs::read(&file).expect("read");
+        let mut flipped = good.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0xff;
+        for (what, bytes) in [("flipped", flipped), ("truncated", good[..good.len() / 2].to_vec()), ("garbage", b"hello world, not a cache".to_vec()), ("empty", vec![])] {
+            std::fs::write(&file, bytes).expect("write");
+            assert!(matches!(load(&file), Err(PersistError::Corrupt { .. })), "{what}");
+        }
+        let mut future = good;
+        future[4] = 9;
+        std::fs::write(&file, future).expect("write");
+        assert!(load(&file).expect_err("version").to_string().contains("format version 9"));
+    }
+}
