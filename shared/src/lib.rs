@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod duration;
 pub mod gossip;
+pub mod http;
 pub mod model;
 pub mod probe;
 pub mod validate;
