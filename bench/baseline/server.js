@@ -179,6 +179,7 @@ async function main() {
   server.keepAliveTimeout = 60_000;
   const stop = () => {
     server.close(() => pool.end().then(() => process.exit(0)));
+    server.closeAllConnections();
     setTimeout(() => process.exit(0), 2_000).unref();
   };
   process.on('SIGTERM', stop);

@@ -31,9 +31,7 @@ impl std::str::FromStr for Watched {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let (name, spec) = text
-            .split_once('=')
-            .ok_or_else(|| format!("`{text}` is not NAME=pid:PID or NAME=cmdline:TEXT"))?;
+        let (name, spec) = text.split_once('=').ok_or_else(|| format!("`{text}` is not NAME=pid:PID or NAME=cmdline:TEXT"))?;
         if name.is_empty() {
             return Err(format!("`{text}` has no name before `=`"));
         }
@@ -44,15 +42,9 @@ impl std::str::FromStr for Watched {
             Selector::Cmdline(text.to_owned())
         } else {
             let pid = spec.strip_prefix("pid:").unwrap_or(spec);
-            Selector::Pid(
-                pid.parse()
-                    .map_err(|_| format!("`{pid}` is not a process id"))?,
-            )
+            Selector::Pid(pid.parse().map_err(|_| format!("`{pid}` is not a process id"))?)
         };
-        Ok(Watched {
-            name: name.to_owned(),
-            selector,
-        })
+        Ok(Watched { name: name.to_owned(), selector })
     }
 }
 
@@ -67,23 +59,14 @@ pub struct CpuWatch {
 impl CpuWatch {
     /// A watch over this process and `watched`.
     pub fn new(watched: &[Watched]) -> Self {
-        let mut all = vec![Watched {
-            name: "generator".into(),
-            selector: Selector::Pid(std::process::id()),
-        }];
+        let mut all = vec![Watched { name: "generator".into(), selector: Selector::Pid(std::process::id()) }];
         all.extend(watched.iter().cloned());
-        CpuWatch {
-            watched: all,
-            start: None,
-        }
+        CpuWatch { watched: all, start: None }
     }
 
     /// Takes the first reading.
     pub fn start(&mut self) {
-        self.start = Some((
-            Instant::now(),
-            self.watched.iter().map(|w| ticks(&w.selector)).collect(),
-        ));
+        self.start = Some((Instant::now(), self.watched.iter().map(|w| ticks(&w.selector)).collect()));
     }
 
     /// Cores used since [`CpuWatch::start`], by name (CPU seconds per second). A process
@@ -99,15 +82,9 @@ impl CpuWatch {
             if now.is_empty() {
                 continue;
             }
-            let used: u64 = now
-                .iter()
-                .map(|(pid, t)| t.saturating_sub(before.get(pid).copied().unwrap_or(0)))
-                .sum();
+            let used: u64 = now.iter().map(|(pid, t)| t.saturating_sub(before.get(pid).copied().unwrap_or(0))).sum();
             if seconds > 0.0 {
-                cores.insert(
-                    watched.name.clone(),
-                    used as f64 / TICKS_PER_SECOND / seconds,
-                );
+                cores.insert(watched.name.clone(), used as f64 / TICKS_PER_SECOND / seconds);
             }
         }
         cores
@@ -117,21 +94,19 @@ impl CpuWatch {
 /// User plus system ticks of every process the selector stands for, by pid.
 fn ticks(selector: &Selector) -> HashMap<u32, u64> {
     match selector {
-        Selector::Pid(pid) => process_ticks(*pid)
-            .map(|t| HashMap::from([(*pid, t)]))
-            .unwrap_or_default(),
+        Selector::Pid(pid) => process_ticks(*pid).map(|t| HashMap::from([(*pid, t)])).unwrap_or_default(),
         Selector::Cmdline(text) => {
             let Ok(entries) = std::fs::read_dir("/proc") else {
                 return HashMap::new();
             };
+            // This process's own command line holds the text too (in its `--cpu` argument).
+            let own = std::process::id();
             entries
                 .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| *pid != own)
                 .filter(|pid| {
-                    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|raw| {
-                        String::from_utf8_lossy(&raw)
-                            .replace('\0', " ")
-                            .contains(text.as_str())
-                    })
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|raw| String::from_utf8_lossy(&raw).replace('\0', " ").contains(text.as_str()))
                 })
                 .filter_map(|pid| Some((pid, process_ticks(pid)?)))
                 .collect()
@@ -160,27 +135,9 @@ mod tests {
 
     #[test]
     fn parses_watch_arguments() {
-        assert_eq!(
-            "server=pid:42".parse(),
-            Ok(Watched {
-                name: "server".into(),
-                selector: Selector::Pid(42)
-            })
-        );
-        assert_eq!(
-            "server=42".parse(),
-            Ok(Watched {
-                name: "server".into(),
-                selector: Selector::Pid(42)
-            })
-        );
-        assert_eq!(
-            "pg=cmdline: db1 ".parse(),
-            Ok(Watched {
-                name: "pg".into(),
-                selector: Selector::Cmdline(" db1 ".into())
-            })
-        );
+        assert_eq!("server=pid:42".parse(), Ok(Watched { name: "server".into(), selector: Selector::Pid(42) }));
+        assert_eq!("server=42".parse(), Ok(Watched { name: "server".into(), selector: Selector::Pid(42) }));
+        assert_eq!("pg=cmdline: db1 ".parse(), Ok(Watched { name: "pg".into(), selector: Selector::Cmdline(" db1 ".into()) }));
         assert!("server".parse::<Watched>().is_err());
         assert!("=1".parse::<Watched>().is_err());
         assert!("x=pid:abc".parse::<Watched>().is_err());

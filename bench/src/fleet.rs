@@ -41,9 +41,7 @@ impl Fleet {
 
     /// How many instances seeded service `s` holds (the last one may hold fewer).
     pub fn instances_in_service(&self, s: u64) -> u64 {
-        self.instances
-            .saturating_sub(s * self.per_service)
-            .min(self.per_service)
+        self.instances.saturating_sub(s * self.per_service).min(self.per_service)
     }
 
     /// The id of new instance `n` of a `register` run tagged `run`.
@@ -77,32 +75,17 @@ impl Registration {
         // Stays within 8000..=8999, so the conversion cannot fail.
         let port = u16::try_from(8000 + n % 1000).unwrap_or(8000);
         let meta = BTreeMap::from([("seq", n.to_string())]);
-        Registration {
-            id,
-            service,
-            address,
-            port,
-            tags: ["bench"],
-            meta,
-            ttl_s,
-        }
+        Registration { id, service, address, port, tags: ["bench"], meta, ttl_s }
     }
 }
 
 /// A short tag that makes a `register` run's ids new: the current unix time in base 36.
 pub fn run_tag() -> String {
-    let mut secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let mut secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let mut tag = Vec::new();
     loop {
         let digit = u8::try_from(secs % 36).unwrap_or(0);
-        tag.push(if digit < 10 {
-            b'0' + digit
-        } else {
-            b'a' + digit - 10
-        });
+        tag.push(if digit < 10 { b'0' + digit } else { b'a' + digit - 10 });
         secs /= 36;
         if secs == 0 {
             break;
@@ -117,10 +100,7 @@ pub fn is_dns_label(text: &str) -> bool {
     let bytes = text.as_bytes();
     let inner_ok = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-';
     let edge_ok = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-    (1..=63).contains(&bytes.len())
-        && bytes.iter().all(inner_ok)
-        && edge_ok(bytes.first())
-        && edge_ok(bytes.last())
+    (1..=63).contains(&bytes.len()) && bytes.iter().all(inner_ok) && edge_ok(bytes.first()) && edge_ok(bytes.last())
 }
 
 #[cfg(test)]
@@ -128,22 +108,14 @@ mod tests {
     use super::*;
 
     fn fleet() -> Fleet {
-        Fleet {
-            prefix: "bench".into(),
-            instances: 10_005,
-            per_service: 10,
-        }
+        Fleet { prefix: "bench".into(), instances: 10_005, per_service: 10 }
     }
 
     #[test]
     fn names_are_valid_for_the_registry() {
         let fleet = fleet();
         let tag = run_tag();
-        for name in [
-            fleet.service_of(0),
-            fleet.service_of(10_004),
-            fleet.new_service_of(&tag, 9_999_999),
-        ] {
+        for name in [fleet.service_of(0), fleet.service_of(10_004), fleet.new_service_of(&tag, 9_999_999)] {
             assert!(is_dns_label(&name), "{name}");
         }
         assert_eq!(fleet.instance_id(42), "bench-000042");
@@ -162,9 +134,7 @@ mod tests {
 
     #[test]
     fn registration_fields_stay_in_range() {
-        let body =
-            serde_json::to_value(Registration::new("a".into(), "b".into(), 123_456_789, 3600))
-                .expect("serializes");
+        let body = serde_json::to_value(Registration::new("a".into(), "b".into(), 123_456_789, 3600)).expect("serializes");
         assert_eq!(body["port"], 8789);
         assert_eq!(body["address"], "127.0.77.40");
         assert_eq!(body["meta"]["seq"], "123456789");

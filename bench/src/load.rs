@@ -85,16 +85,14 @@ impl Tally {
             }
             Outcome::Status { status, body } => {
                 *self.statuses.entry(status).or_default() += 1;
-                self.first_error
-                    .get_or_insert_with(|| format!("HTTP {status}: {body}"));
+                self.first_error.get_or_insert_with(|| format!("HTTP {status}: {body}"));
             }
             Outcome::Failed(error) => {
                 self.transport_errors += 1;
                 self.first_error.get_or_insert(error);
             }
         }
-        self.latencies_us
-            .push(u32::try_from(latency.as_micros()).unwrap_or(u32::MAX));
+        self.latencies_us.push(u32::try_from(latency.as_micros()).unwrap_or(u32::MAX));
     }
 }
 
@@ -148,8 +146,7 @@ where
     let request = Arc::new(request);
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..concurrency.max(1) {
-        let (client, next, done, request) =
-            (client.clone(), next.clone(), done.clone(), request.clone());
+        let (client, next, done, request) = (client.clone(), next.clone(), done.clone(), request.clone());
         workers.spawn(async move {
             let mut tally = Tally::default();
             loop {
@@ -187,11 +184,7 @@ where
         reporter.abort();
     }
     tally.latencies_us.sort_unstable();
-    Ok(Measured {
-        tally,
-        elapsed,
-        cpu_cores,
-    })
+    Ok(Measured { tally, elapsed, cpu_cores })
 }
 
 async fn send(request: reqwest::RequestBuilder) -> Outcome {
@@ -201,13 +194,8 @@ async fn send(request: reqwest::RequestBuilder) -> Outcome {
     };
     let status = response.status();
     match response.bytes().await {
-        Ok(body) if status.is_success() => Outcome::Ok {
-            bytes: body.len() as u64,
-        },
-        Ok(body) => Outcome::Status {
-            status: status.as_u16(),
-            body: String::from_utf8_lossy(&body).chars().take(300).collect(),
-        },
+        Ok(body) if status.is_success() => Outcome::Ok { bytes: body.len() as u64 },
+        Ok(body) => Outcome::Status { status: status.as_u16(), body: String::from_utf8_lossy(&body).chars().take(300).collect() },
         Err(e) => Outcome::Failed(error_chain(&e)),
     }
 }
@@ -271,13 +259,7 @@ mod tests {
         let mut a = Tally::default();
         a.record(Outcome::Ok { bytes: 10 }, Duration::from_micros(5));
         let mut b = Tally::default();
-        b.record(
-            Outcome::Status {
-                status: 503,
-                body: "busy".into(),
-            },
-            Duration::from_micros(9),
-        );
+        b.record(Outcome::Status { status: 503, body: "busy".into() }, Duration::from_micros(9));
         b.record(Outcome::Failed("reset".into()), Duration::from_micros(1));
         a.merge(b);
         assert_eq!((a.ok, a.bytes, a.errors()), (1, 10, 2));

@@ -147,11 +147,7 @@ fn main() -> ExitCode {
     if let Some(threads) = cli.threads {
         runtime.worker_threads(threads.max(1));
     }
-    let result = runtime
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")
-        .and_then(|rt| rt.block_on(run(cli.command)));
+    let result = runtime.enable_all().build().context("cannot start the runtime").and_then(|rt| rt.block_on(run(cli.command)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -176,19 +172,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
 }
 
 fn fleet(args: &FleetArgs) -> anyhow::Result<Fleet> {
-    let fleet = Fleet {
-        prefix: args.prefix.clone(),
-        instances: args.instances,
-        per_service: args.per_service,
-    };
+    let fleet = Fleet { prefix: args.prefix.clone(), instances: args.instances, per_service: args.per_service };
     if args.instances == 0 || args.per_service == 0 {
         bail!("--instances and --per-service must be at least 1");
     }
     if !fleet::is_dns_label(&fleet.service(fleet.services())) {
-        bail!(
-            "--prefix `{}` does not make valid service names (lower case letters, digits and '-', at most 50 characters)",
-            args.prefix
-        );
+        bail!("--prefix `{}` does not make valid service names (lower case letters, digits and '-', at most 50 characters)", args.prefix);
     }
     Ok(fleet)
 }
@@ -203,26 +192,11 @@ async fn seed(args: SeedArgs) -> anyhow::Result<()> {
     let client = load::client(t.concurrency, t.request_timeout)?;
     let (url, ttl_s) = (base_url(&t.url), args.fleet.ttl_s);
     let endpoint = format!("{url}/v1/instances");
-    let progress = Progress {
-        label: format!("seed {}", t.target),
-    };
+    let progress = Progress { label: format!("seed {}", t.target) };
     let request = move |client: &reqwest::Client, n: u64| {
-        client.post(&endpoint).json(&Registration::new(
-            fleet.instance_id(n),
-            fleet.service_of(n),
-            n,
-            ttl_s,
-        ))
+        client.post(&endpoint).json(&Registration::new(fleet.instance_id(n), fleet.service_of(n), n, ttl_s))
     };
-    let measured = drive(
-        client,
-        t.concurrency,
-        Stop::Count(args.fleet.instances),
-        Some(progress),
-        CpuWatch::new(&t.cpu),
-        request,
-    )
-    .await?;
+    let measured = drive(client, t.concurrency, Stop::Count(args.fleet.instances), Some(progress), CpuWatch::new(&t.cpu), request).await?;
     // A partial fleet would make every later figure wrong: no failure is tolerated.
     finish(Kind::Seed, t, 0.0, measured)
 }
@@ -232,30 +206,20 @@ async fn timed(kind: Kind, args: TimedArgs) -> anyhow::Result<()> {
     let t = &args.target;
     let client = load::client(t.concurrency, t.request_timeout)?;
     let url = base_url(&t.url);
-    let stop = Stop::Timed {
-        warmup: args.warmup,
-        measure: args.duration,
-    };
+    let stop = Stop::Timed { warmup: args.warmup, measure: args.duration };
     let cpu = CpuWatch::new(&t.cpu);
     let measured = match kind {
         Kind::Heartbeat => {
             check_seeded_instance(&client, &url, &fleet).await?;
             let request = move |client: &reqwest::Client, n: u64| {
-                client.put(format!(
-                    "{url}/v1/instances/{}/heartbeat",
-                    fleet.instance_id(n % fleet.instances)
-                ))
+                client.put(format!("{url}/v1/instances/{}/heartbeat", fleet.instance_id(n % fleet.instances)))
             };
             drive(client, t.concurrency, stop, None, cpu, request).await?
         }
         Kind::Lookup => {
             check_seeded_service(&client, &url, &fleet).await?;
-            let request = move |client: &reqwest::Client, n: u64| {
-                client.get(format!(
-                    "{url}/v1/services/{}",
-                    fleet.service(n % fleet.services())
-                ))
-            };
+            let request =
+                move |client: &reqwest::Client, n: u64| client.get(format!("{url}/v1/services/{}", fleet.service(n % fleet.services())));
             drive(client, t.concurrency, stop, None, cpu, request).await?
         }
         Kind::Register | Kind::Seed => {
@@ -265,12 +229,7 @@ async fn timed(kind: Kind, args: TimedArgs) -> anyhow::Result<()> {
             }
             let (endpoint, ttl_s) = (format!("{url}/v1/instances"), args.fleet.ttl_s);
             let request = move |client: &reqwest::Client, n: u64| {
-                client.post(&endpoint).json(&Registration::new(
-                    fleet.new_instance_id(&run, n),
-                    fleet.new_service_of(&run, n),
-                    n,
-                    ttl_s,
-                ))
+                client.post(&endpoint).json(&Registration::new(fleet.new_instance_id(&run, n), fleet.new_service_of(&run, n), n, ttl_s))
             };
             drive(client, t.concurrency, stop, None, cpu, request).await?
         }
@@ -279,12 +238,7 @@ async fn timed(kind: Kind, args: TimedArgs) -> anyhow::Result<()> {
 }
 
 /// Prints (and stores) the result; fails when too many requests failed.
-fn finish(
-    kind: Kind,
-    t: &TargetArgs,
-    max_error_rate: f64,
-    measured: load::Measured,
-) -> anyhow::Result<()> {
+fn finish(kind: Kind, t: &TargetArgs, max_error_rate: f64, measured: load::Measured) -> anyhow::Result<()> {
     let result = RunResult::new(kind, &t.target, &base_url(&t.url), t.concurrency, measured);
     if t.json {
         println!("{}", serde_json::to_string(&result)?);
@@ -308,68 +262,36 @@ fn finish(
 }
 
 /// A heartbeat of the first seeded instance must be answered 200: otherwise nothing was seeded.
-async fn check_seeded_instance(
-    client: &reqwest::Client,
-    url: &str,
-    fleet: &Fleet,
-) -> anyhow::Result<()> {
+async fn check_seeded_instance(client: &reqwest::Client, url: &str, fleet: &Fleet) -> anyhow::Result<()> {
     let id = fleet.instance_id(0);
-    let (status, body) = call(
-        client,
-        Method::PUT,
-        &format!("{url}/v1/instances/{id}/heartbeat"),
-    )
-    .await?;
+    let (status, body) = call(client, Method::PUT, &format!("{url}/v1/instances/{id}/heartbeat")).await?;
     if status != 200 {
-        bail!(
-            "the heartbeat of seeded instance `{id}` got HTTP {status} (run `signpost-bench seed` first): {body}"
-        );
+        bail!("the heartbeat of seeded instance `{id}` got HTTP {status} (run `signpost-bench seed` first): {body}");
     }
     Ok(())
 }
 
 /// The first seeded service must answer with all its instances healthy, so that every
 /// target is asked for the same work.
-async fn check_seeded_service(
-    client: &reqwest::Client,
-    url: &str,
-    fleet: &Fleet,
-) -> anyhow::Result<()> {
+async fn check_seeded_service(client: &reqwest::Client, url: &str, fleet: &Fleet) -> anyhow::Result<()> {
     let service = fleet.service(0);
     let (status, body) = call(client, Method::GET, &format!("{url}/v1/services/{service}")).await?;
     if status != 200 {
         bail!("GET /v1/services/{service} got HTTP {status}: {body}");
     }
-    let answer: serde_json::Value = serde_json::from_str(&body)
-        .with_context(|| format!("GET /v1/services/{service} answered no JSON"))?;
-    let found = answer
-        .get("instances")
-        .and_then(serde_json::Value::as_array)
-        .map(Vec::len);
+    let answer: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("GET /v1/services/{service} answered no JSON"))?;
+    let found = answer.get("instances").and_then(serde_json::Value::as_array).map(Vec::len);
     let expected = fleet.instances_in_service(0);
     if found != Some(usize::try_from(expected)?) {
-        bail!(
-            "service `{service}` has {found:?} healthy instances, not {expected} (run `signpost-bench seed` with the same fleet first)"
-        );
+        bail!("service `{service}` has {found:?} healthy instances, not {expected} (run `signpost-bench seed` with the same fleet first)");
     }
     Ok(())
 }
 
-async fn call(
-    client: &reqwest::Client,
-    method: Method,
-    url: &str,
-) -> anyhow::Result<(u16, String)> {
-    let response = client
-        .request(method, url)
-        .send()
-        .await
-        .map_err(|e| anyhow::anyhow!("{url}: {}", error_chain(&e)))?;
+async fn call(client: &reqwest::Client, method: Method, url: &str) -> anyhow::Result<(u16, String)> {
+    let response = client.request(method, url).send().await.map_err(|e| anyhow::anyhow!("{url}: {}", error_chain(&e)))?;
     let status = response.status().as_u16();
-    let body = response
-        .text()
-        .await
-        .map_err(|e| anyhow::anyhow!("{url}: {}", error_chain(&e)))?;
+    let body = response.text().await.map_err(|e| anyhow::anyhow!("{url}: {}", error_chain(&e)))?;
     Ok((status, body))
 }
 
@@ -384,10 +306,7 @@ async fn wait(args: WaitArgs) -> anyhow::Result<()> {
             Err(e) => format!("{e:#}"),
         };
         if Instant::now() >= deadline {
-            bail!(
-                "{url} was not ready within {}: {last}",
-                humantime::format_duration(args.timeout)
-            );
+            bail!("{url} was not ready within {}: {last}", humantime::format_duration(args.timeout));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

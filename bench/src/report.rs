@@ -38,8 +38,7 @@ pub struct ReportArgs {
 
 /// Reads `args.results` and renders the report.
 pub fn render_file(args: &ReportArgs) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(&args.results)
-        .with_context(|| format!("cannot read {}", args.results.display()))?;
+    let text = std::fs::read_to_string(&args.results).with_context(|| format!("cannot read {}", args.results.display()))?;
     let results = parse(&text, &args.results)?;
     Ok(render(args, &results))
 }
@@ -48,10 +47,7 @@ fn parse(text: &str, path: &Path) -> anyhow::Result<Vec<RunResult>> {
     text.lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
-        .map(|(n, line)| {
-            serde_json::from_str(line)
-                .with_context(|| format!("{}:{}: not a result line", path.display(), n + 1))
-        })
+        .map(|(n, line)| serde_json::from_str(line).with_context(|| format!("{}:{}: not a result line", path.display(), n + 1)))
         .collect()
 }
 
@@ -111,62 +107,22 @@ fn render(args: &ReportArgs, results: &[RunResult]) -> String {
     let seeded = get(Kind::Seed, cand).map_or_else(|| "the".to_owned(), |r| thousands(r.ok as f64));
 
     let rows: Vec<(String, Kind, Figure)> = vec![
-        (
-            format!("registrations/s, seeding {seeded} instances into an empty catalog"),
-            Kind::Seed,
-            Figure::Rate,
-        ),
-        (
-            format!("registrations/s, new ids, {seeded} instances live"),
-            Kind::Register,
-            Figure::Rate,
-        ),
-        (
-            format!("heartbeats/s, {seeded} instances live"),
-            Kind::Heartbeat,
-            Figure::Rate,
-        ),
-        (
-            "lookups/s, `GET /v1/services/{name}` (10 instances)".to_owned(),
-            Kind::Lookup,
-            Figure::Rate,
-        ),
+        (format!("registrations/s, seeding {seeded} instances into an empty catalog"), Kind::Seed, Figure::Rate),
+        (format!("registrations/s, new ids, {seeded} instances live"), Kind::Register, Figure::Rate),
+        (format!("heartbeats/s, {seeded} instances live"), Kind::Heartbeat, Figure::Rate),
+        ("lookups/s, `GET /v1/services/{name}` (10 instances)".to_owned(), Kind::Lookup, Figure::Rate),
         ("lookup latency p50".to_owned(), Kind::Lookup, Figure::P50),
         ("lookup latency p99".to_owned(), Kind::Lookup, Figure::P99),
         ("lookup latency max".to_owned(), Kind::Lookup, Figure::Max),
-        (
-            "lookup answer size (bytes)".to_owned(),
-            Kind::Lookup,
-            Figure::Bytes,
-        ),
-        (
-            "heartbeat latency p50".to_owned(),
-            Kind::Heartbeat,
-            Figure::P50,
-        ),
-        (
-            "heartbeat latency p99".to_owned(),
-            Kind::Heartbeat,
-            Figure::P99,
-        ),
-        (
-            "registration latency p50 (new ids)".to_owned(),
-            Kind::Register,
-            Figure::P50,
-        ),
-        (
-            "registration latency p99 (new ids)".to_owned(),
-            Kind::Register,
-            Figure::P99,
-        ),
+        ("lookup answer size (bytes)".to_owned(), Kind::Lookup, Figure::Bytes),
+        ("heartbeat latency p50".to_owned(), Kind::Heartbeat, Figure::P50),
+        ("heartbeat latency p99".to_owned(), Kind::Heartbeat, Figure::P99),
+        ("registration latency p50 (new ids)".to_owned(), Kind::Register, Figure::P50),
+        ("registration latency p99 (new ids)".to_owned(), Kind::Register, Figure::P99),
     ];
 
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "| measure | {} | {} | ratio |",
-        args.candidate_title, args.baseline_title
-    );
+    let _ = writeln!(out, "| measure | {} | {} | ratio |", args.candidate_title, args.baseline_title);
     let _ = writeln!(out, "|---|--:|--:|--:|");
     for (label, kind, figure) in rows {
         let (c, b) = (get(kind, cand), get(kind, base));
@@ -175,44 +131,28 @@ fn render(args: &ReportArgs, results: &[RunResult]) -> String {
         }
         let show = |r: Option<&RunResult>| r.map_or_else(|| "–".to_owned(), |r| figure.show(r));
         let ratio = match (c, b) {
-            (Some(c), Some(b)) => figure
-                .ratio(c, b)
-                .map_or_else(String::new, |x| format!("{x:.2}×")),
+            (Some(c), Some(b)) => figure.ratio(c, b).map_or_else(String::new, |x| format!("{x:.2}×")),
             _ => String::new(),
         };
         let _ = writeln!(out, "| {label} | {} | {} | {ratio} |", show(c), show(b));
     }
     let _ = writeln!(out);
-    let _ = writeln!(
-        out,
-        "Ratio: above 1 means {} is better (throughput: {cand} ÷ {base}; latency: {base} ÷ {cand}).",
-        args.candidate_title
-    );
+    let _ =
+        writeln!(out, "Ratio: above 1 means {} is better (throughput: {cand} ÷ {base}; latency: {base} ÷ {cand}).", args.candidate_title);
     if let Some(r) = get(Kind::Lookup, cand).or_else(|| get(Kind::Heartbeat, cand)) {
-        let _ = writeln!(
-            out,
-            "Timed runs: {} concurrent connections, {:.0} s counted each.",
-            r.concurrency, r.seconds
-        );
+        let _ = writeln!(out, "Timed runs: {} concurrent connections, {:.0} s counted each.", r.concurrency, r.seconds);
     }
 
     let _ = writeln!(out);
-    let _ = writeln!(
-        out,
-        "CPU used during each run, in cores of this machine (CPU seconds per second), and per request:"
-    );
+    let _ = writeln!(out, "CPU used during each run, in cores of this machine (CPU seconds per second), and per request:");
     let _ = writeln!(out);
-    let _ = writeln!(
-        out,
-        "| run | target | requests/s | generator | server | postgres | server CPU/request | postgres CPU/request |"
-    );
+    let _ = writeln!(out, "| run | target | requests/s | generator | server | postgres | server CPU/request | postgres CPU/request |");
     let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|");
     for kind in [Kind::Seed, Kind::Register, Kind::Heartbeat, Kind::Lookup] {
         for target in [cand, base] {
             let Some(r) = get(kind, target) else { continue };
             let cores = |name: &str| r.cpu_cores.get(name).copied();
-            let show_cores =
-                |name: &str| cores(name).map_or_else(|| "–".to_owned(), |c| format!("{c:.2}"));
+            let show_cores = |name: &str| cores(name).map_or_else(|| "–".to_owned(), |c| format!("{c:.2}"));
             let per_request = |name: &str| match cores(name) {
                 Some(c) if r.per_second > 0.0 => format!("{:.0} µs", c * 1e6 / r.per_second),
                 _ => "–".to_owned(),
@@ -236,11 +176,7 @@ fn render(args: &ReportArgs, results: &[RunResult]) -> String {
     let _ = writeln!(out);
     match get(Kind::Heartbeat, cand) {
         Some(r) => {
-            let met = if r.per_second >= args.heartbeat_target {
-                "met"
-            } else {
-                "NOT met"
-            };
+            let met = if r.per_second >= args.heartbeat_target { "met" } else { "NOT met" };
             let _ = writeln!(
                 out,
                 "- heartbeats: {}/s at {cand}, target at least {}/s: **{met}**",
@@ -255,11 +191,7 @@ fn render(args: &ReportArgs, results: &[RunResult]) -> String {
     match (get(Kind::Lookup, cand), get(Kind::Lookup, base)) {
         (Some(c), Some(b)) if b.per_second > 0.0 => {
             let ratio = c.per_second / b.per_second;
-            let met = if ratio >= args.lookup_ratio_target {
-                "met"
-            } else {
-                "NOT met"
-            };
+            let met = if ratio >= args.lookup_ratio_target { "met" } else { "NOT met" };
             let _ = writeln!(
                 out,
                 "- lookups: {}/s at {cand} vs {}/s at {base} = {ratio:.2}×, target at least {:.0}×: **{met}**",
@@ -292,13 +224,7 @@ mod tests {
             failures: BTreeMap::new(),
             first_error: None,
             per_second,
-            latency_ms: Latency {
-                p50,
-                p90: p50,
-                p99: p50 * 2.0,
-                max: p50 * 4.0,
-                mean: p50,
-            },
+            latency_ms: Latency { p50, p90: p50, p99: p50 * 2.0, max: p50 * 4.0, mean: p50 },
             bytes_per_response: 500.0,
             cpu_cores: BTreeMap::from([("generator".into(), 0.5), ("server".into(), 1.0)]),
             unix_time: 0,
@@ -326,48 +252,23 @@ mod tests {
             result(Kind::Heartbeat, "baseline", 4_000.0, 2.0),
         ];
         let text = render(&args(), &results);
-        assert!(
-            text.contains(
-                "| lookups/s, `GET /v1/services/{name}` (10 instances) | 10,000 | 4,000 | 2.50× |"
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains("| lookup latency p50 | 1.00 ms | 4.00 ms | 4.00× |"),
-            "{text}"
-        );
-        assert!(
-            text.contains("heartbeats: 4,000/s at registry, target at least 5,000/s: **NOT met**"),
-            "{text}"
-        );
-        assert!(
-            text.contains("= 2.50×, target at least 3×: **NOT met**"),
-            "{text}"
-        );
-        assert!(
-            text.contains("| lookup | registry | 10,000 | 0.50 | 1.00 | – | 100 µs | – |"),
-            "{text}"
-        );
+        assert!(text.contains("| lookups/s, `GET /v1/services/{name}` (10 instances) | 10,000 | 4,000 | 2.50× |"), "{text}");
+        assert!(text.contains("| lookup latency p50 | 1.00 ms | 4.00 ms | 4.00× |"), "{text}");
+        assert!(text.contains("heartbeats: 4,000/s at registry, target at least 5,000/s: **NOT met**"), "{text}");
+        assert!(text.contains("= 2.50×, target at least 3×: **NOT met**"), "{text}");
+        assert!(text.contains("| lookup | registry | 10,000 | 0.50 | 1.00 | – | 100 µs | – |"), "{text}");
     }
 
     #[test]
     fn the_last_result_of_a_kind_wins() {
-        let results = vec![
-            result(Kind::Heartbeat, "registry", 1_000.0, 2.0),
-            result(Kind::Heartbeat, "registry", 6_000.0, 2.0),
-        ];
+        let results = vec![result(Kind::Heartbeat, "registry", 1_000.0, 2.0), result(Kind::Heartbeat, "registry", 6_000.0, 2.0)];
         let text = render(&args(), &results);
-        assert!(
-            text.contains("6,000/s at registry, target at least 5,000/s: **met**"),
-            "{text}"
-        );
+        assert!(text.contains("6,000/s at registry, target at least 5,000/s: **met**"), "{text}");
     }
 
     #[test]
     fn bad_lines_are_named() {
-        let error = parse("{}\n", Path::new("x.jsonl"))
-            .err()
-            .map(|e| e.to_string());
+        let error = parse("{}\n", Path::new("x.jsonl")).err().map(|e| e.to_string());
         assert_eq!(error.as_deref(), Some("x.jsonl:1: not a result line"));
     }
 }

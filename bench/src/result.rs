@@ -86,38 +86,14 @@ pub struct RunResult {
 
 impl RunResult {
     /// The result of a finished run.
-    pub fn new(
-        kind: Kind,
-        target: &str,
-        url: &str,
-        concurrency: usize,
-        measured: Measured,
-    ) -> Self {
-        let Measured {
-            tally,
-            elapsed,
-            cpu_cores,
-        } = measured;
+    pub fn new(kind: Kind, target: &str, url: &str, concurrency: usize, measured: Measured) -> Self {
+        let Measured { tally, elapsed, cpu_cores } = measured;
         let seconds = elapsed.as_secs_f64();
-        let ms =
-            |share: f64| f64::from(percentile(&tally.latencies_us, share).unwrap_or(0)) / 1000.0;
+        let ms = |share: f64| f64::from(percentile(&tally.latencies_us, share).unwrap_or(0)) / 1000.0;
         let count = tally.latencies_us.len();
-        let mean = if count == 0 {
-            0.0
-        } else {
-            tally
-                .latencies_us
-                .iter()
-                .map(|&us| u64::from(us))
-                .sum::<u64>() as f64
-                / count as f64
-                / 1000.0
-        };
-        let mut failures: BTreeMap<String, u64> = tally
-            .statuses
-            .iter()
-            .map(|(status, n)| (status.to_string(), *n))
-            .collect();
+        let mean =
+            if count == 0 { 0.0 } else { tally.latencies_us.iter().map(|&us| u64::from(us)).sum::<u64>() as f64 / count as f64 / 1000.0 };
+        let mut failures: BTreeMap<String, u64> = tally.statuses.iter().map(|(status, n)| (status.to_string(), *n)).collect();
         if tally.transport_errors > 0 {
             failures.insert("transport".into(), tally.transport_errors);
         }
@@ -131,39 +107,18 @@ impl RunResult {
             errors: tally.errors(),
             failures,
             first_error: tally.first_error.clone(),
-            per_second: if seconds > 0.0 {
-                tally.ok as f64 / seconds
-            } else {
-                0.0
-            },
-            latency_ms: Latency {
-                p50: ms(0.50),
-                p90: ms(0.90),
-                p99: ms(0.99),
-                max: ms(1.0),
-                mean,
-            },
-            bytes_per_response: if tally.ok == 0 {
-                0.0
-            } else {
-                tally.bytes as f64 / tally.ok as f64
-            },
+            per_second: if seconds > 0.0 { tally.ok as f64 / seconds } else { 0.0 },
+            latency_ms: Latency { p50: ms(0.50), p90: ms(0.90), p99: ms(0.99), max: ms(1.0), mean },
+            bytes_per_response: if tally.ok == 0 { 0.0 } else { tally.bytes as f64 / tally.ok as f64 },
             cpu_cores,
-            unix_time: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            unix_time: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         }
     }
 
     /// Share of the requests that failed.
     pub fn error_rate(&self) -> f64 {
         let total = self.ok + self.errors;
-        if total == 0 {
-            1.0
-        } else {
-            self.errors as f64 / total as f64
-        }
+        if total == 0 { 1.0 } else { self.errors as f64 / total as f64 }
     }
 
     /// The one-line summary.
@@ -184,11 +139,7 @@ impl RunResult {
             self.seconds,
         );
         if !self.cpu_cores.is_empty() {
-            let cpu: Vec<String> = self
-                .cpu_cores
-                .iter()
-                .map(|(name, cores)| format!("{name} {cores:.2}"))
-                .collect();
+            let cpu: Vec<String> = self.cpu_cores.iter().map(|(name, cores)| format!("{name} {cores:.2}")).collect();
             line.push_str(&format!("  cpu cores: {}", cpu.join(", ")));
         }
         if let Some(error) = &self.first_error {
@@ -199,15 +150,11 @@ impl RunResult {
 
     /// Appends this result as one JSON line to `path`.
     pub fn append_to(&self, path: &Path) -> anyhow::Result<()> {
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
+        let mut file =
+            std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let mut line = serde_json::to_vec(self)?;
         line.push(b'\n');
-        file.write_all(&line)
-            .with_context(|| format!("cannot write {}", path.display()))
+        file.write_all(&line).with_context(|| format!("cannot write {}", path.display()))
     }
 }
 
@@ -221,11 +168,7 @@ pub fn thousands(value: f64) -> String {
         }
         out.push(c);
     }
-    if value < 0.0 && digits != "0" {
-        format!("-{out}")
-    } else {
-        out
-    }
+    if value < 0.0 && digits != "0" { format!("-{out}") } else { out }
 }
 
 #[cfg(test)]
