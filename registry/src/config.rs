@@ -42,6 +42,9 @@ pub struct RegistryConfig {
     pub self_preservation_threshold: f64,
     /// Self-preservation only applies when at least this many instances are registered.
     pub self_preservation_min_instances: u64,
+    /// Longest time self-preservation holds; after it, the lapsed leases are taken as real.
+    #[serde(with = "signpost_shared::duration")]
+    pub self_preservation_max_hold: Duration,
     /// Most registry-run probes in flight at once.
     pub probe_concurrency: usize,
     /// Consecutive failed probes that make an agentless instance critical.
@@ -90,6 +93,7 @@ impl Default for RegistryConfig {
             deregister_after: Duration::from_secs(60),
             self_preservation_threshold: 0.5,
             self_preservation_min_instances: 5,
+            self_preservation_max_hold: Duration::from_secs(15 * 60),
             probe_concurrency: 64,
             probe_failures_before_critical: 1,
             leader_check_interval: Duration::from_secs(1),
@@ -143,8 +147,11 @@ impl RegistryConfig {
         if let Some((name, _)) = positive.iter().find(|(_, d)| d.is_zero()) {
             return Err(ConfigError::Rule(format!("{name} must be more than 0")));
         }
-        if self.probe_concurrency == 0 || self.db_max_connections == 0 || self.max_body_bytes == 0 {
-            return Err(ConfigError::Rule("probe_concurrency, db_max_connections and max_body_bytes must be more than 0".into()));
+        if self.probe_concurrency == 0 || self.max_body_bytes == 0 {
+            return Err(ConfigError::Rule("probe_concurrency and max_body_bytes must be more than 0".into()));
+        }
+        if self.db_max_connections < 2 {
+            return Err(ConfigError::Rule("db_max_connections must be at least 2 (the change listener keeps one)".into()));
         }
         Ok(self)
     }
@@ -234,6 +241,10 @@ pub struct Flags {
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub self_preservation_min_instances: Option<u64>,
+    /// Longest time self-preservation holds [default: 15m].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub self_preservation_max_hold: Option<String>,
     /// Most registry-run probes in flight [default: 64].
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -25,8 +25,20 @@ pub async fn run(store: Store, interval: Duration, role: watch::Sender<bool>, me
         set_role(&role, &metrics, false);
         return;
     };
-    let options = pool.connect_options();
+    let check = interval.max(Duration::from_millis(500)) * 2;
+    // If the leader's host dies without closing its connection, PostgreSQL must still end the
+    // session (and free the lock) soon: the leader pings every interval, so a session idle
+    // for three checks is gone, and TCP keepalives catch a vanished peer.
+    let idle_ms = (check * 3).as_millis().to_string();
+    let options = (*pool.connect_options()).clone().options([
+        ("idle_session_timeout", idle_ms.as_str()),
+        ("tcp_keepalives_idle", "5"),
+        ("tcp_keepalives_interval", "2"),
+        ("tcp_keepalives_count", "2"),
+    ]);
     let mut held: Option<PgConnection> = None;
+    // A follower keeps one connection to try the lock on, rather than one per try.
+    let mut candidate: Option<PgConnection> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -34,7 +46,6 @@ pub async fn run(store: Store, interval: Duration, role: watch::Sender<bool>, me
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        let check = interval.max(Duration::from_millis(500)) * 2;
         match held.as_mut() {
             Some(conn) => {
                 let alive = tokio::time::timeout(check, sqlx::query("SELECT 1").execute(&mut *conn)).await;
@@ -46,22 +57,28 @@ pub async fn run(store: Store, interval: Duration, role: watch::Sender<bool>, me
             }
             None => {
                 let attempt = async {
-                    let mut conn = options.connect().await?;
+                    let mut conn = match candidate.take() {
+                        Some(conn) => conn,
+                        None => options.connect().await?,
+                    };
                     let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(LOCK_KEY).fetch_one(&mut conn).await?;
-                    Ok::<_, sqlx::Error>(got.then_some(conn))
+                    Ok::<_, sqlx::Error>((got, conn))
                 };
                 match tokio::time::timeout(check, attempt).await {
-                    Ok(Ok(Some(conn))) => {
+                    Ok(Ok((true, conn))) => {
                         tracing::info!("took the leader lock: this replica runs the sweeper and the prober");
                         held = Some(conn);
                         set_role(&role, &metrics, true);
                     }
-                    Ok(Ok(None)) => {}
+                    Ok(Ok((false, conn))) => candidate = Some(conn),
                     Ok(Err(e)) => tracing::debug!(error = %e, "cannot try the leader lock"),
                     Err(_) => tracing::debug!("trying the leader lock timed out"),
                 }
             }
         }
+    }
+    if let Some(conn) = candidate {
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.close()).await;
     }
     if let Some(mut conn) = held {
         let released =

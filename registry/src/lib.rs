@@ -140,9 +140,17 @@ pub async fn run(config: RegistryConfig, shutdown: impl Future<Output = ()>) -> 
             .map_name("leader"),
     );
     tasks.spawn(
-        sweeper::run(store.clone(), policy, config.sweep_interval, role_rx.clone(), metrics.clone(), token.clone())
-            .instrument(tracing::info_span!("sweeper"))
-            .map_name("sweeper"),
+        sweeper::run(
+            store.clone(),
+            policy,
+            config.sweep_interval,
+            config.self_preservation_max_hold,
+            role_rx.clone(),
+            metrics.clone(),
+            token.clone(),
+        )
+        .instrument(tracing::info_span!("sweeper"))
+        .map_name("sweeper"),
     );
     tasks.spawn(
         prober::run(store.clone(), prober_config, role_rx, metrics, token.clone())

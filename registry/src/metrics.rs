@@ -14,7 +14,7 @@ use signpost_shared::model::Health;
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     route: &'static str,
-    method: String,
+    method: &'static str,
     status: u16,
 }
 
@@ -112,8 +112,8 @@ impl Metrics {
     }
 
     /// Counts one answered request.
-    pub fn request(&self, route: &'static str, method: &str, status: u16, elapsed: Duration) {
-        self.requests.get_or_create(&RequestLabels { route, method: method.to_string(), status }).inc();
+    pub fn request(&self, route: &'static str, method: &'static str, status: u16, elapsed: Duration) {
+        self.requests.get_or_create(&RequestLabels { route, method, status }).inc();
         self.latency.get_or_create(&RouteLabels { route }).observe(elapsed.as_secs_f64());
     }
 

@@ -43,6 +43,7 @@ pub async fn run(store: Store, config: ProberConfig, leader: watch::Receiver<boo
         Ok(client) => client,
         Err(e) => {
             tracing::error!(error = %e, "cannot build the probe HTTP client; probes are off");
+            shutdown.cancelled().await;
             return;
         }
     };
@@ -132,6 +133,10 @@ async fn record(
     let result = if health == Health::Critical {
         entry.failures = entry.failures.saturating_add(1);
         if entry.failures < config.failures_before_critical {
+            // Not critical yet: the lease must not run out before the threshold is reached.
+            if let Err(e) = store.heartbeat(&id, &Heartbeat::default(), now_ms).await {
+                tracing::warn!(instance = %id, error = %e, "cannot renew a lease after a probe failure below the threshold");
+            }
             return;
         }
         tracing::debug!(instance = %id, output = %output, "probe failed");

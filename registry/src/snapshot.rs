@@ -120,12 +120,24 @@ pub struct CatalogCache {
     max_age: Duration,
     current: RwLock<Option<Arc<Snapshot>>>,
     rebuild: tokio::sync::Mutex<()>,
+    /// When the last rebuild failed: requests queued behind it fail at once instead of each
+    /// waiting for the database in turn.
+    failed_at: std::sync::Mutex<Option<Instant>>,
 }
+
+/// How long after a failed rebuild requests fail without trying again.
+const FAILURE_HOLD: Duration = Duration::from_secs(1);
 
 impl CatalogCache {
     /// A cache over `store`; `max_age` of zero reads the database for every request.
     pub fn new(store: Store, max_age: Duration) -> Self {
-        CatalogCache { store, max_age, current: RwLock::new(None), rebuild: tokio::sync::Mutex::new(()) }
+        CatalogCache {
+            store,
+            max_age,
+            current: RwLock::new(None),
+            rebuild: tokio::sync::Mutex::new(()),
+            failed_at: std::sync::Mutex::new(None),
+        }
     }
 
     fn fresh(&self, wanted_index: u64) -> Option<Arc<Snapshot>> {
@@ -144,8 +156,16 @@ impl CatalogCache {
         if let Some(snapshot) = self.fresh(wanted) {
             return Ok(snapshot);
         }
+        let failed_recently = self.failed_at.lock().ok().and_then(|f| *f).is_some_and(|at| at.elapsed() < FAILURE_HOLD);
+        if failed_recently {
+            return Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut));
+        }
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let snapshot = Arc::new(Snapshot::new(self.store.load_catalog(now_ms).await?));
+        let loaded = self.store.load_catalog(now_ms).await;
+        if let Ok(mut failed_at) = self.failed_at.lock() {
+            *failed_at = if loaded.is_err() { Some(Instant::now()) } else { None };
+        }
+        let snapshot = Arc::new(Snapshot::new(loaded?));
         if let Ok(mut current) = self.current.write() {
             *current = Some(snapshot.clone());
         }

@@ -15,6 +15,7 @@ pub async fn run(
     store: Store,
     policy: SweepPolicy,
     interval: Duration,
+    max_hold: Duration,
     leader: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -22,6 +23,9 @@ pub async fn run(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut holding = false;
+    // When self-preservation began on this leader; it holds for at most `max_hold`, after
+    // which the lapsed leases are taken as real (a zone really died).
+    let mut holding_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -31,8 +35,17 @@ pub async fn run(
             continue;
         }
         let now_ms = chrono::Utc::now().timestamp_millis();
-        match store.sweep(&policy, now_ms).await {
+        let hold_allowed = holding_since.is_none_or(|since| since.elapsed() < max_hold);
+        if !hold_allowed && holding {
+            tracing::warn!(held_for = ?max_hold, "self-preservation held too long; expiring the lapsed leases");
+        }
+        match store.sweep(&policy, now_ms, hold_allowed).await {
             Ok(report) => {
+                if report.self_preservation {
+                    holding_since.get_or_insert_with(tokio::time::Instant::now);
+                } else if (report.lapsed as f64) <= policy.self_preservation_threshold * (report.total as f64) {
+                    holding_since = None;
+                }
                 if report.self_preservation && !holding {
                     tracing::warn!(
                         lapsed = report.lapsed,

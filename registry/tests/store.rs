@@ -56,6 +56,11 @@ async fn repeated_registration_never_duplicates(store: &Store) {
     let catalog = store.load_catalog(T0).await.expect("catalog");
     assert_eq!(catalog.instances.len(), 1);
     assert_eq!(catalog.index, updated.index);
+    // A registration that names no health keeps the one a check reported.
+    let critical = Heartbeat { health: Some(Health::Critical), output: Some("down".into()) };
+    store.heartbeat("web-1", &critical, T0 + 3000).await.expect("heartbeat");
+    let (again, outcome) = store.register(&moved, T0 + 4000).await.expect("register again");
+    assert_eq!((again.health, outcome), (Health::Critical, Registered::Renewed));
 }
 
 async fn heartbeat_renews_and_reports_health(store: &Store) {
@@ -90,15 +95,15 @@ async fn sweep_expires_then_removes(store: &Store) {
         store.register(&spec(&format!("long-{i}"), "web", 300), T0).await.expect("register");
     }
     store.register(&spec("short", "web", 1), T0).await.expect("register");
-    let report = store.sweep(&policy(), T0 + 500).await.expect("sweep");
+    let report = store.sweep_now(&policy(), T0 + 500).await.expect("sweep");
     assert!(report.expired.is_empty() && report.removed.is_empty());
-    let report = store.sweep(&policy(), T0 + 1500).await.expect("sweep");
+    let report = store.sweep_now(&policy(), T0 + 1500).await.expect("sweep");
     assert_eq!(report.expired, ["short"]);
     assert!(!report.self_preservation);
     assert_eq!(store.instance("short").await.expect("get").expect("still there").health, Health::Critical);
-    let report = store.sweep(&policy(), T0 + 5000).await.expect("sweep");
+    let report = store.sweep_now(&policy(), T0 + 5000).await.expect("sweep");
     assert!(report.expired.is_empty() && report.removed.is_empty(), "not removed before the grace period");
-    let report = store.sweep(&policy(), T0 + 11_500).await.expect("sweep");
+    let report = store.sweep_now(&policy(), T0 + 11_500).await.expect("sweep");
     assert_eq!(report.removed, ["short"]);
     assert!(store.instance("short").await.expect("get").is_none());
     assert_eq!(store.load_catalog(T0).await.expect("catalog").instances.len(), 5);
@@ -109,7 +114,7 @@ async fn heartbeat_revives_an_expired_lease(store: &Store) {
         store.register(&spec(&format!("long-{i}"), "web", 300), T0).await.expect("register");
     }
     store.register(&spec("short", "web", 1), T0).await.expect("register");
-    store.sweep(&policy(), T0 + 2000).await.expect("sweep");
+    store.sweep_now(&policy(), T0 + 2000).await.expect("sweep");
     assert_eq!(store.instance("short").await.expect("get").expect("exists").health, Health::Critical);
     let revived = store.heartbeat("short", &Heartbeat::default(), T0 + 2500).await.expect("hb").expect("exists");
     assert_eq!(revived.health, Health::Passing);
@@ -120,25 +125,32 @@ async fn self_preservation_holds_the_catalog(store: &Store) {
         store.register(&spec(&format!("web-{i}"), "web", 1), T0).await.expect("register");
     }
     store.register(&spec("long", "web", 300), T0).await.expect("register");
-    let report = store.sweep(&policy(), T0 + 2000).await.expect("sweep");
+    let report = store.sweep_now(&policy(), T0 + 2000).await.expect("sweep");
     assert!(report.self_preservation, "8 of 9 lapsed at once");
     assert!(report.expired.is_empty());
     let catalog = store.load_catalog(T0).await.expect("catalog");
     assert!(catalog.self_preservation);
     assert!(catalog.instances.iter().all(|i| i.health == Health::Passing), "nothing expired while holding");
-    let report = store.sweep(&policy(), T0 + 60_000).await.expect("sweep");
+    let report = store.sweep_now(&policy(), T0 + 60_000).await.expect("sweep");
     assert!(report.self_preservation && report.removed.is_empty(), "nothing removed while holding");
     for i in 0..8 {
         store.heartbeat(&format!("web-{i}"), &Heartbeat::default(), T0 + 60_000).await.expect("hb");
     }
-    let report = store.sweep(&policy(), T0 + 60_100).await.expect("sweep");
+    let report = store.sweep_now(&policy(), T0 + 60_100).await.expect("sweep");
     assert!(!report.self_preservation, "heartbeats resumed");
+    // Held too long (the sweeper decides when): expiry goes on.
+    for i in 0..8 {
+        store.heartbeat(&format!("web-{i}"), &Heartbeat::default(), T0 + 60_000).await.expect("hb");
+    }
+    let report = store.sweep(&policy(), T0 + 62_000, false).await.expect("sweep");
+    assert!(!report.self_preservation);
+    assert_eq!(report.expired.len(), 8);
     assert!(!store.load_catalog(T0).await.expect("catalog").self_preservation);
 }
 
 async fn small_fleets_expire_normally(store: &Store) {
     store.register(&spec("only", "web", 1), T0).await.expect("register");
-    let report = store.sweep(&policy(), T0 + 2000).await.expect("sweep");
+    let report = store.sweep_now(&policy(), T0 + 2000).await.expect("sweep");
     assert!(!report.self_preservation, "below the minimum fleet size");
     assert_eq!(report.expired, ["only"]);
 }
@@ -220,6 +232,25 @@ async fn concurrent_writes_get_distinct_indexes(store: &Store) {
     indexes.sort();
     indexes.dedup();
     assert_eq!(indexes.len(), 20, "every change has its own index");
+}
+
+/// Sweeps with self-preservation allowed.
+trait SweepNow {
+    async fn sweep_now(
+        &self,
+        policy: &SweepPolicy,
+        now_ms: i64,
+    ) -> Result<signpost_registry::store::SweepReport, signpost_registry::store::StoreError>;
+}
+
+impl SweepNow for Store {
+    async fn sweep_now(
+        &self,
+        policy: &SweepPolicy,
+        now_ms: i64,
+    ) -> Result<signpost_registry::store::SweepReport, signpost_registry::store::StoreError> {
+        self.sweep(policy, now_ms, true).await
+    }
 }
 
 macro_rules! store_suite {

@@ -194,8 +194,9 @@ pub struct InstanceSpec {
     pub weight: u32,
     /// Zone.
     pub zone: Option<String>,
-    /// Reported health (passing, warning or critical).
-    pub health: Health,
+    /// Reported health (passing, warning or critical); `None` keeps what is stored (passing
+    /// for a new instance), so that re-registering does not undo a failed check.
+    pub health: Option<Health>,
     /// Owning agent.
     pub node: Option<String>,
     /// Registry-run check.
@@ -230,8 +231,8 @@ impl Registration {
         if let Some(zone) = &self.zone {
             errors.check("zone", validate::dns_label(zone));
         }
-        let health = self.health.unwrap_or(Health::Passing);
-        if health == Health::Maintenance {
+        let health = self.health;
+        if health == Some(Health::Maintenance) {
             errors.add("health", "maintenance is set with PUT /v1/instances/{id}/maintenance, not at registration");
         }
         if let Some(node) = &self.node {
@@ -283,7 +284,7 @@ impl From<&InstanceSpec> for Registration {
             meta: spec.meta.clone(),
             weight: Some(i64::from(spec.weight)),
             zone: spec.zone.clone(),
-            health: Some(spec.health),
+            health: spec.health,
             node: spec.node.clone(),
             check: spec.check.clone(),
             ttl_s: Some(i64::from(spec.ttl_s)),
@@ -360,7 +361,7 @@ mod tests {
         let spec = registration().validate().expect("valid");
         assert_eq!(spec.weight, DEFAULT_WEIGHT);
         assert_eq!(spec.ttl_s, DEFAULT_TTL_S);
-        assert_eq!(spec.health, Health::Passing);
+        assert_eq!(spec.health, None);
     }
 
     #[test]

@@ -192,9 +192,22 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
         .with(warp::log::custom(move |info| {
             let route = route_of(info.path());
             let status = info.status().as_u16();
-            metrics_sink.request(route, info.method().as_str(), status, info.elapsed());
+            metrics_sink.request(route, method_label(info.method()), status, info.elapsed());
             tracing::debug!(method = %info.method(), route, status, elapsed_ms = info.elapsed().as_secs_f64() * 1000.0, "request");
         }))
+}
+
+/// The method as a metrics label: a fixed set, so that a client cannot grow it.
+fn method_label(method: &warp::http::Method) -> &'static str {
+    use warp::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        _ => "OTHER",
+    }
 }
 
 /// The route template of a path, for metrics labels (bounded cardinality).
@@ -223,6 +236,11 @@ fn route_of(path: &str) -> &'static str {
 pub async fn block(state: &AppState, index: Option<u64>, wait: Option<Duration>) {
     let Some(index) = index else { return };
     let mut changes = state.store.subscribe();
+    if *changes.borrow_and_update() < index {
+        // The client saw a newer index through another replica, or this database was reset:
+        // read the index once before deciding.
+        let _ = state.store.refresh_index().await;
+    }
     if *changes.borrow_and_update() != index {
         return;
     }

@@ -87,8 +87,9 @@ fn is_connection_error(error: &sqlx::Error) -> bool {
         E::Database(db) => {
             let code = db.code().unwrap_or_default();
             // PostgreSQL: 08 connection, 53 resources, 57 operator intervention (shutdown);
-            // SQLite: 5 busy, 6 locked.
-            code.starts_with("08") || code.starts_with("53") || code.starts_with("57") || code == "5" || code == "6"
+            // SQLite: primary code 5 busy or 6 locked (sqlx reports extended codes, e.g. 517).
+            let sqlite_busy = code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
+            code.starts_with("08") || code.starts_with("53") || code.starts_with("57") || sqlite_busy
         }
         _ => false,
     }
@@ -336,7 +337,7 @@ impl Store {
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, $15, $15, $16) \
                  ON CONFLICT (id) DO UPDATE SET service = excluded.service, address = excluded.address, \
                  port = excluded.port, tags = excluded.tags, meta = excluded.meta, weight = excluded.weight, \
-                 zone = excluded.zone, health = excluded.health, node = excluded.node, check_spec = excluded.check_spec, \
+                 zone = excluded.zone, health = COALESCE($17, instances.health), node = excluded.node, check_spec = excluded.check_spec, \
                  ttl_s = excluded.ttl_s, lease_expired = excluded.lease_expired, change_index = excluded.change_index, \
                  updated_at = excluded.updated_at, lease_expires_at = excluded.lease_expires_at \
                  RETURNING ", instance_columns!()))
@@ -348,7 +349,7 @@ impl Store {
                 .bind(&meta)
                 .bind(i64::from(spec.weight))
                 .bind(&spec.zone)
-                .bind(spec.health.as_str())
+                .bind(spec.health.unwrap_or(Health::Passing).as_str())
                 .bind(&spec.node)
                 .bind(&check)
                 .bind(i64::from(spec.ttl_s))
@@ -356,6 +357,7 @@ impl Store {
                 .bind(index)
                 .bind(now_ms)
                 .bind(lease)
+                .bind(spec.health.map(Health::as_str))
                 .fetch_one(&mut *tx)
                 .await?;
             tx.commit().await?;
@@ -405,6 +407,11 @@ impl Store {
             .await)?;
         if let Some(row) = fast {
             return row.into_instance().map(Some);
+        }
+        let exists: Option<String> =
+            with_pool!(self, pool => sqlx::query_scalar("SELECT id FROM instances WHERE id = $1").bind(id).fetch_optional(pool).await)?;
+        if exists.is_none() {
+            return Ok(None); // do not take the index lock for an unknown id
         }
         let changed: Option<(InstanceRow, i64)> = with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
@@ -651,7 +658,9 @@ impl Store {
 
     /// One sweep: marks lapsed leases critical and removes those lapsed longer than the grace
     /// period, unless too many lapsed at once (self-preservation).
-    pub async fn sweep(&self, policy: &SweepPolicy, now_ms: i64) -> Result<SweepReport, StoreError> {
+    /// `hold_allowed` false makes it expire even when self-preservation would hold (it has
+    /// held too long already).
+    pub async fn sweep(&self, policy: &SweepPolicy, now_ms: i64, hold_allowed: bool) -> Result<SweepReport, StoreError> {
         let grace_ms = i64::try_from(policy.deregister_after.as_millis()).unwrap_or(i64::MAX);
         let remove_before = now_ms.saturating_sub(grace_ms);
         let (total, lapsed, unmarked, removable, agents_removable, sp_was): (i64, i64, i64, i64, i64, bool) = with_pool!(self, pool => {
@@ -675,7 +684,8 @@ impl Store {
         });
         let total = to_u64(total);
         let lapsed = to_u64(lapsed);
-        let hold = total >= policy.self_preservation_min_instances
+        let hold = hold_allowed
+            && total >= policy.self_preservation_min_instances
             && total > 0
             && (lapsed as f64) > policy.self_preservation_threshold * (total as f64);
         let mut report = SweepReport { total, lapsed, self_preservation: hold, ..SweepReport::default() };
@@ -683,9 +693,10 @@ impl Store {
         if nothing_to_do {
             return Ok(report);
         }
-        let index: i64 = with_pool!(self, pool => {
+        let index: Option<i64> = with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             let index: i64 = sqlx::query_scalar(BUMP_INDEX).fetch_one(&mut *tx).await?;
+            let sp_now: bool = sqlx::query_scalar("SELECT self_preservation FROM catalog_state WHERE id = 1").fetch_one(&mut *tx).await?;
             sqlx::query("UPDATE catalog_state SET self_preservation = $1 WHERE id = 1").bind(hold).execute(&mut *tx).await?;
             if !hold {
                 report.expired = sqlx::query_scalar(
@@ -706,10 +717,19 @@ impl Store {
                     .await?
                     .rows_affected();
             }
-            tx.commit().await?;
-            index
+            // The counts above were read outside the transaction: if another replica's sweep
+            // got there first, nothing changed, and the bump is rolled back with the rest.
+            let changed = sp_now != hold || !report.expired.is_empty() || !report.removed.is_empty() || report.agents_removed > 0;
+            if changed {
+                tx.commit().await?;
+                Some(index)
+            } else {
+                None
+            }
         });
-        self.observe_index(to_u64(index));
+        if let Some(index) = index {
+            self.observe_index(to_u64(index));
+        }
         Ok(report)
     }
 }

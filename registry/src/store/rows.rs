@@ -51,9 +51,13 @@ impl InstanceRow {
         self.health.parse().map_err(|e| self.corrupt("health", e))
     }
 
-    /// True when the stored description equals `spec` (lease and bookkeeping aside).
+    /// True when the stored description equals `spec` (lease and bookkeeping aside; a
+    /// registration without a health keeps the stored one).
     pub fn describes(&self, spec: &InstanceSpec) -> Result<bool, StoreError> {
-        let stored = self.spec()?;
+        let mut stored = self.spec()?;
+        if spec.health.is_none() {
+            stored.health = None;
+        }
         Ok(stored == *spec && !self.lease_expired)
     }
 
@@ -67,7 +71,7 @@ impl InstanceRow {
             meta: serde_json::from_str::<BTreeMap<String, String>>(&self.meta).map_err(|e| self.corrupt("meta", e.to_string()))?,
             weight: u32::try_from(self.weight).map_err(|e| self.corrupt("weight", e.to_string()))?,
             zone: self.zone.clone(),
-            health: self.reported_health()?,
+            health: Some(self.reported_health()?),
             node: self.node.clone(),
             check: self.check()?,
             ttl_s: u32::try_from(self.ttl_s).map_err(|e| self.corrupt("ttl_s", e.to_string()))?,
