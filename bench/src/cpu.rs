@@ -48,12 +48,22 @@ impl std::str::FromStr for Watched {
     }
 }
 
-/// Measures the CPU time of `generator` (this process) and of the watched processes
-/// between [`CpuWatch::start`] and [`CpuWatch::cores`].
+/// Measures the CPU time of `generator` (this process), of the watched processes and of the
+/// whole `machine` between [`CpuWatch::start`] and [`CpuWatch::cores`]. On a shared machine,
+/// `machine` minus the rest tells how much other work ran beside the benchmark.
 #[derive(Debug)]
 pub struct CpuWatch {
     watched: Vec<Watched>,
-    start: Option<(Instant, Vec<HashMap<u32, u64>>)>,
+    start: Option<Reading>,
+}
+
+#[derive(Debug)]
+struct Reading {
+    at: Instant,
+    /// Busy ticks of the whole machine (all cores), when `/proc/stat` is readable.
+    machine: Option<u64>,
+    /// Ticks of each watched name's processes, by pid.
+    watched: Vec<HashMap<u32, u64>>,
 }
 
 impl CpuWatch {
@@ -66,18 +76,24 @@ impl CpuWatch {
 
     /// Takes the first reading.
     pub fn start(&mut self) {
-        self.start = Some((Instant::now(), self.watched.iter().map(|w| ticks(&w.selector)).collect()));
+        let watched = self.watched.iter().map(|w| ticks(&w.selector)).collect();
+        self.start = Some(Reading { at: Instant::now(), machine: machine_busy_ticks(), watched });
     }
 
     /// Cores used since [`CpuWatch::start`], by name (CPU seconds per second). A process
     /// that appeared since counts whole (it started in the window); one that ended is lost.
     pub fn cores(&self) -> BTreeMap<String, f64> {
-        let Some((started, before)) = &self.start else {
+        let Some(start) = &self.start else {
             return BTreeMap::new();
         };
-        let seconds = started.elapsed().as_secs_f64();
+        let seconds = start.at.elapsed().as_secs_f64();
         let mut cores = BTreeMap::new();
-        for (watched, before) in self.watched.iter().zip(before) {
+        if let (Some(before), Some(now)) = (start.machine, machine_busy_ticks())
+            && seconds > 0.0
+        {
+            cores.insert("machine".to_owned(), now.saturating_sub(before) as f64 / TICKS_PER_SECOND / seconds);
+        }
+        for (watched, before) in self.watched.iter().zip(&start.watched) {
             let now = ticks(&watched.selector);
             if now.is_empty() {
                 continue;
@@ -112,6 +128,19 @@ fn ticks(selector: &Selector) -> HashMap<u32, u64> {
                 .collect()
         }
     }
+}
+
+/// Busy ticks of all cores since boot: the `cpu` line of `/proc/stat` less idle and iowait.
+fn machine_busy_ticks() -> Option<u64> {
+    parse_machine_busy(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn parse_machine_busy(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line.split_whitespace().skip(1).map(str::parse).collect::<Result<_, _>>().ok()?;
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let busy = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| fields.get(i)).sum();
+    (fields.len() >= 4).then_some(busy)
 }
 
 fn process_ticks(pid: u32) -> Option<u64> {
@@ -149,6 +178,13 @@ mod tests {
         let stat = "1234 (a (weird) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 4 0 100 0 0";
         assert_eq!(parse_stat_ticks(stat), Some(325));
         assert_eq!(parse_stat_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn reads_the_machine_busy_time() {
+        let stat = "cpu  100 5 50 9000 40 3 2 1 0 0\ncpu0 50 2 25 4500 20 1 1 0 0 0\n";
+        assert_eq!(parse_machine_busy(stat), Some(161));
+        assert_eq!(parse_machine_busy("intr 1 2 3"), None);
     }
 
     #[test]

@@ -144,22 +144,35 @@ fn render(args: &ReportArgs, results: &[RunResult]) -> String {
     }
 
     let _ = writeln!(out);
-    let _ = writeln!(out, "CPU used during each run, in cores of this machine (CPU seconds per second), and per request:");
+    let _ = writeln!(
+        out,
+        "CPU used during each run, in cores (CPU seconds per second; the machine has {} in all), and per request. \
+         \"other\" is everything else that ran on the machine meanwhile.",
+        std::thread::available_parallelism().map_or(0, std::num::NonZeroUsize::get)
+    );
     let _ = writeln!(out);
-    let _ = writeln!(out, "| run | target | requests/s | generator | server | postgres | server CPU/request | postgres CPU/request |");
-    let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|");
+    let _ =
+        writeln!(out, "| run | target | requests/s | generator | server | postgres | other | server CPU/request | postgres CPU/request |");
+    let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|--:|");
     for kind in [Kind::Seed, Kind::Register, Kind::Heartbeat, Kind::Lookup] {
         for target in [cand, base] {
             let Some(r) = get(kind, target) else { continue };
             let cores = |name: &str| r.cpu_cores.get(name).copied();
             let show_cores = |name: &str| cores(name).map_or_else(|| "–".to_owned(), |c| format!("{c:.2}"));
+            let other = cores("machine").map_or_else(
+                || "–".to_owned(),
+                |machine| {
+                    let ours: f64 = ["generator", "server", "postgres"].iter().filter_map(|name| cores(name)).sum();
+                    format!("{:.2}", (machine - ours).max(0.0))
+                },
+            );
             let per_request = |name: &str| match cores(name) {
                 Some(c) if r.per_second > 0.0 => format!("{:.0} µs", c * 1e6 / r.per_second),
                 _ => "–".to_owned(),
             };
             let _ = writeln!(
                 out,
-                "| {} | {target} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {target} | {} | {} | {} | {} | {other} | {} | {} |",
                 kind.as_str(),
                 thousands(r.per_second),
                 show_cores("generator"),
@@ -226,7 +239,7 @@ mod tests {
             per_second,
             latency_ms: Latency { p50, p90: p50, p99: p50 * 2.0, max: p50 * 4.0, mean: p50 },
             bytes_per_response: 500.0,
-            cpu_cores: BTreeMap::from([("generator".into(), 0.5), ("server".into(), 1.0)]),
+            cpu_cores: BTreeMap::from([("generator".into(), 0.5), ("server".into(), 1.0), ("machine".into(), 1.75)]),
             unix_time: 0,
         }
     }
@@ -256,7 +269,7 @@ mod tests {
         assert!(text.contains("| lookup latency p50 | 1.00 ms | 4.00 ms | 4.00× |"), "{text}");
         assert!(text.contains("heartbeats: 4,000/s at registry, target at least 5,000/s: **NOT met**"), "{text}");
         assert!(text.contains("= 2.50×, target at least 3×: **NOT met**"), "{text}");
-        assert!(text.contains("| lookup | registry | 10,000 | 0.50 | 1.00 | – | 100 µs | – |"), "{text}");
+        assert!(text.contains("| lookup | registry | 10,000 | 0.50 | 1.00 | – | 0.25 | 100 µs | – |"), "{text}");
     }
 
     #[test]
