@@ -30,7 +30,13 @@ pub struct RegistryView {
 
 impl From<CatalogPage> for RegistryView {
     fn from(page: CatalogPage) -> Self {
-        RegistryView { index: page.index, self_preservation: page.self_preservation, instances: page.instances, agents: page.agents, confirmed_at: Some(Utc::now()) }
+        RegistryView {
+            index: page.index,
+            self_preservation: page.self_preservation,
+            instances: page.instances,
+            agents: page.agents,
+            confirmed_at: Some(Utc::now()),
+        }
     }
 }
 
@@ -84,7 +90,11 @@ pub struct Cache {
 
 impl Default for Cache {
     fn default() -> Self {
-        Cache { sources: std::sync::Mutex::new(Sources::default()), current: RwLock::new(Arc::new(Snapshot::default())), index: watch::channel(0).0 }
+        Cache {
+            sources: std::sync::Mutex::new(Sources::default()),
+            current: RwLock::new(Arc::new(Snapshot::default())),
+            index: watch::channel(0).0,
+        }
     }
 }
 
@@ -156,7 +166,11 @@ impl Cache {
 /// - an instance whose owner gossip does not know, or with no owner, is the registry's;
 /// - a node may only describe its own instances: a gossip claim on an instance the registry
 ///   gives to another node is ignored.
-pub fn merge(registry: &RegistryView, gossip: &GossipView, first_seen: &mut HashMap<String, DateTime<Utc>>) -> BTreeMap<String, Vec<Instance>> {
+pub fn merge(
+    registry: &RegistryView,
+    gossip: &GossipView,
+    first_seen: &mut HashMap<String, DateTime<Utc>>,
+) -> BTreeMap<String, Vec<Instance>> {
     let mut merged: BTreeMap<String, Instance> = BTreeMap::new();
     let known: HashMap<&str, &Instance> = registry.instances.iter().map(|i| (i.id.as_str(), i)).collect();
     for instance in &registry.instances {
@@ -249,7 +263,18 @@ mod tests {
     }
 
     fn published(health: Health) -> GossipInstance {
-        GossipInstance { v: FORMAT_VERSION, service: "web".into(), address: "10.0.0.2".into(), port: 81, tags: vec![], meta: BTreeMap::new(), weight: 100, zone: None, health, output: None }
+        GossipInstance {
+            v: FORMAT_VERSION,
+            service: "web".into(),
+            address: "10.0.0.2".into(),
+            port: 81,
+            tags: vec![],
+            meta: BTreeMap::new(),
+            weight: 100,
+            zone: None,
+            health,
+            output: None,
+        }
     }
 
     fn peer(instances: &[(&str, GossipInstance)]) -> Peer {
@@ -298,7 +323,11 @@ mod tests {
     fn a_node_cannot_claim_another_nodes_instance() {
         let registry = RegistryView { instances: vec![registered("a", Some("n1"))], ..Default::default() };
         let gossip = GossipView {
-            live: [("n1".to_string(), peer(&[("a", published(Health::Passing))])), ("evil".to_string(), peer(&[("a", published(Health::Critical))]))].into(),
+            live: [
+                ("n1".to_string(), peer(&[("a", published(Health::Passing))])),
+                ("evil".to_string(), peer(&[("a", published(Health::Critical))])),
+            ]
+            .into(),
             ..Default::default()
         };
         let merged = merge(&registry, &gossip, &mut HashMap::new());

@@ -200,7 +200,9 @@ impl CheckConfig {
         if self.timeout.is_zero() || self.timeout > self.interval {
             errors.add(format!("{field}.timeout"), "must be more than 0 and at most the interval");
         }
-        for (name, value) in [("successes_before_passing", self.successes_before_passing), ("failures_before_critical", self.failures_before_critical)] {
+        for (name, value) in
+            [("successes_before_passing", self.successes_before_passing), ("failures_before_critical", self.failures_before_critical)]
+        {
             if !(1..=100).contains(&value) {
                 errors.add(format!("{field}.{name}"), "must be 1-100");
             }
@@ -471,7 +473,17 @@ fn service_flag(text: &str, flags: &Flags) -> Result<ServiceConfig, ConfigError>
         (None, Some(addr)) => vec![check(None, Some(addr.clone()))],
         (None, None) => vec![],
     };
-    Ok(ServiceConfig { name: name.to_string(), port, id: None, address: None, tags: vec![], meta: BTreeMap::new(), weight: None, zone: None, checks })
+    Ok(ServiceConfig {
+        name: name.to_string(),
+        port,
+        id: None,
+        address: None,
+        tags: vec![],
+        meta: BTreeMap::new(),
+        weight: None,
+        zone: None,
+        checks,
+    })
 }
 
 #[cfg(test)]

@@ -124,7 +124,11 @@ impl Gossip {
         self.handle
             .with_chitchat(|chitchat| {
                 let state = chitchat.self_node_state();
-                let stale: Vec<String> = state.key_values().filter(|(k, _)| k.starts_with(INSTANCE_PREFIX) && !wanted.contains_key(*k)).map(|(k, _)| k.to_string()).collect();
+                let stale: Vec<String> = state
+                    .key_values()
+                    .filter(|(k, _)| k.starts_with(INSTANCE_PREFIX) && !wanted.contains_key(*k))
+                    .map(|(k, _)| k.to_string())
+                    .collect();
                 for key in stale {
                     state.delete(&key);
                 }
@@ -218,7 +222,9 @@ fn own_key_values(config: &GossipConfig, local: &LocalState, force_health: Optio
                 total += value.len();
                 out.push((gossip::instance_key(&spec.id), value));
             }
-            Ok(_) => tracing::error!(instance = %spec.id, "this agent's gossip state is full; the instance is not gossiped (the registry still has it)"),
+            Ok(_) => {
+                tracing::error!(instance = %spec.id, "this agent's gossip state is full; the instance is not gossiped (the registry still has it)")
+            }
             Err(e) => tracing::error!(instance = %spec.id, error = %e, "the instance is too large to gossip"),
         }
     }

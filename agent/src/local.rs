@@ -258,7 +258,11 @@ impl LocalState {
     /// A report from the application for a TTL check: it holds for the check's TTL.
     pub fn report(&self, check_id: &str, observed: Health, output: String) -> Result<(), LocalError> {
         let changed = self.write(|services| {
-            let check = services.values_mut().flat_map(|s| s.checks.iter_mut()).find(|c| c.id == check_id).ok_or_else(|| LocalError::NoCheck(check_id.to_string()))?;
+            let check = services
+                .values_mut()
+                .flat_map(|s| s.checks.iter_mut())
+                .find(|c| c.id == check_id)
+                .ok_or_else(|| LocalError::NoCheck(check_id.to_string()))?;
             let CheckKind::Ttl(ttl) = check.kind else {
                 return Err(LocalError::NotTtl(check_id.to_string()));
             };

@@ -228,10 +228,24 @@ pub fn load(file: &Path) -> Result<Option<RegistryView>, PersistError> {
     let agents = saved
         .agents
         .into_iter()
-        .map(|a| AgentInfo { node: a.node, gossip_addr: a.gossip_addr, http_addr: a.http_addr, zone: a.zone, alive: a.alive, updated_at: time(a.times_ms.0), lease_expires_at: time(a.times_ms.1) })
+        .map(|a| AgentInfo {
+            node: a.node,
+            gossip_addr: a.gossip_addr,
+            http_addr: a.http_addr,
+            zone: a.zone,
+            alive: a.alive,
+            updated_at: time(a.times_ms.0),
+            lease_expires_at: time(a.times_ms.1),
+        })
         .collect();
     // Index 0: the feed starts with a full fetch.
-    Ok(Some(RegistryView { index: 0, self_preservation: saved.self_preservation, instances, agents, confirmed_at: saved.confirmed_at_ms.map(time) }))
+    Ok(Some(RegistryView {
+        index: 0,
+        self_preservation: saved.self_preservation,
+        instances,
+        agents,
+        confirmed_at: saved.confirmed_at_ms.map(time),
+    }))
 }
 
 #[cfg(test)]
@@ -246,7 +260,13 @@ mod tests {
             "registered_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:01Z", "lease_expires_at": "2026-01-01T00:00:31Z"
         }))
         .expect("instance");
-        RegistryView { index: 9, self_preservation: false, instances: vec![instance], agents: vec![], confirmed_at: Some(time(1_700_000_000_000)) }
+        RegistryView {
+            index: 9,
+            self_preservation: false,
+            instances: vec![instance],
+            agents: vec![],
+            confirmed_at: Some(time(1_700_000_000_000)),
+        }
     }
 
     #[test]
@@ -270,7 +290,12 @@ mod tests {
         let mut flipped = good.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 0xff;
-        for (what, bytes) in [("flipped", flipped), ("truncated", good[..good.len() / 2].to_vec()), ("garbage", b"hello world, not a cache".to_vec()), ("empty", vec![])] {
+        for (what, bytes) in [
+            ("flipped", flipped),
+            ("truncated", good[..good.len() / 2].to_vec()),
+            ("garbage", b"hello world, not a cache".to_vec()),
+            ("empty", vec![]),
+        ] {
             std::fs::write(&file, bytes).expect("write");
             assert!(matches!(load(&file), Err(PersistError::Corrupt { .. })), "{what}");
         }

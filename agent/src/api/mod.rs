@@ -1,0 +1,161 @@
+//! The agent's local HTTP API (warp, loopback by default). Routes:
+//! - `GET /v1/services`, `GET /v1/services/{name}`, `GET /v1/services/{name}/pick` ([`lookups`])
+//! - `POST /v1/agent/services`, `DELETE /v1/agent/services/{id}`,
+//!   `PUT /v1/agent/services/{id}/maintenance`, `PUT /v1/agent/checks/{id}/{pass,warn,fail}`,
+//!   `GET /v1/agent`, `GET /v1/agent/members`, `GET /v1/agent/checks` ([`local`])
+//! - `GET /healthz`, `GET /metrics`
+
+pub mod local;
+pub mod lookups;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use signpost_shared::http::{ApiError, Body, recover};
+use tokio_util::sync::CancellationToken;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use crate::cache::Cache;
+use crate::config::AgentConfig;
+use crate::local::LocalState;
+use crate::metrics::Metrics;
+
+/// Everything a request handler needs.
+pub struct AgentState {
+    /// The local services.
+    pub local: Arc<LocalState>,
+    /// The merged catalog.
+    pub cache: Arc<Cache>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The settings (services as configured at start).
+    pub config: AgentConfig,
+    /// This node's name.
+    pub node: String,
+    /// The address local services are reached at.
+    pub address: String,
+    /// Where gossip is advertised.
+    pub gossip_addr: String,
+    /// Where this API listens.
+    pub http_addr: String,
+    /// Per service, the protection threshold.
+    pub protection: BTreeMap<String, f64>,
+    /// Cancelled on shutdown: blocking lookups answer at once.
+    pub shutdown: CancellationToken,
+}
+
+/// Largest request body.
+pub const MAX_BODY_BYTES: u64 = 64 * 1024;
+/// Default wait of a blocking lookup.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(300);
+/// Longest wait of a blocking lookup.
+pub const MAX_WAIT: Duration = Duration::from_secs(600);
+
+type State = Arc<AgentState>;
+
+fn with_state(state: State) -> impl Filter<Extract = (State,), Error = Infallible> + Clone {
+    warp::any().map(move || state.clone())
+}
+
+fn raw_query() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
+    warp::query::raw().or(warp::any().map(String::new)).unify()
+}
+
+fn body() -> impl Filter<Extract = (Result<Body, ApiError>,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("content-type")
+        .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::body::stream())
+        .then(|content_type, length, stream| async move { Body::read(content_type, length, stream, MAX_BODY_BYTES).await })
+}
+
+/// A JSON answer.
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    warp::reply::with_status(warp::reply::json(value), status).into_response()
+}
+
+fn respond(result: Result<Response, ApiError>) -> Response {
+    result.unwrap_or_else(ApiError::into_response)
+}
+
+/// Every route, with error recovery.
+pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let s = || with_state(state.clone());
+    let services = warp::path!("v1" / "services")
+        .and(warp::get())
+        .and(s())
+        .and(raw_query())
+        .then(|st, q| async move { respond(lookups::services(st, q).await) });
+    let service = warp::path!("v1" / "services" / String)
+        .and(warp::get())
+        .and(s())
+        .and(raw_query())
+        .then(|name, st, q| async move { respond(lookups::service(st, name, q).await) });
+    let pick = warp::path!("v1" / "services" / String / "pick")
+        .and(warp::get())
+        .and(s())
+        .and(raw_query())
+        .then(|name, st, q| async move { respond(lookups::pick(st, name, q)) });
+    let add = warp::path!("v1" / "agent" / "services")
+        .and(warp::post())
+        .and(s())
+        .and(body())
+        .then(|st, b| async move { respond(local::add_service(st, b)) });
+    let remove = warp::path!("v1" / "agent" / "services" / String)
+        .and(warp::delete())
+        .and(s())
+        .then(|id, st| async move { respond(local::remove_service(st, id)) });
+    let maintenance = warp::path!("v1" / "agent" / "services" / String / "maintenance")
+        .and(warp::put())
+        .and(s())
+        .and(body())
+        .then(|id, st, b| async move { respond(local::maintenance(st, id, b)) });
+    let report = warp::path!("v1" / "agent" / "checks" / String / String)
+        .and(warp::put())
+        .and(s())
+        .and(body())
+        .then(|id, word, st, b| async move { respond(local::report(st, id, word, b)) });
+    let agent = warp::path!("v1" / "agent").and(warp::get()).and(s()).map(|st| respond(local::agent(st)));
+    let members = warp::path!("v1" / "agent" / "members").and(warp::get()).and(s()).map(|st| respond(local::members(st)));
+    let checks = warp::path!("v1" / "agent" / "checks").and(warp::get()).and(s()).map(|st| respond(local::checks(st)));
+    let healthz = warp::path!("healthz").and(warp::get()).map(|| json(StatusCode::OK, &serde_json::json!({"status": "ok"})));
+    let metrics = warp::path!("metrics").and(warp::get()).and(s()).map(|st: State| {
+        let snapshot = st.cache.snapshot();
+        let text = st.metrics.render(snapshot.instances().count(), snapshot.stale_seconds());
+        let mut response = Response::new(text.into());
+        response.headers_mut().insert(
+            warp::http::header::CONTENT_TYPE,
+            warp::http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+        response
+    });
+    services
+        .or(service)
+        .unify()
+        .or(pick)
+        .unify()
+        .or(add)
+        .unify()
+        .or(remove)
+        .unify()
+        .or(maintenance)
+        .unify()
+        .or(report)
+        .unify()
+        .or(agent)
+        .unify()
+        .or(members)
+        .unify()
+        .or(checks)
+        .unify()
+        .or(healthz)
+        .unify()
+        .or(metrics)
+        .unify()
+        .recover(recover)
+        .unify()
+}

@@ -1,0 +1,101 @@
+//! Anti-entropy with the registry: follows its catalog feed (a blocking query on the change
+//! index) into the cache, introduces the agents it lists to gossip, and saves the registry's
+//! word to disk (at most once a second) for the next start.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use signpost_shared::client::RegistryClient;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{Cache, RegistryView};
+use crate::gossip::Gossip;
+use crate::metrics::Metrics;
+use crate::persist;
+
+/// Follows the feed until cancelled.
+pub async fn follow(
+    client: RegistryClient,
+    cache: Arc<Cache>,
+    gossip: Arc<Gossip>,
+    wait: Duration,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut index: Option<u64> = None;
+    let mut introduced: HashSet<SocketAddr> = HashSet::new();
+    let mut backoff = Duration::from_millis(100);
+    let mut failing = false;
+    loop {
+        let fetched = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            fetched = client.catalog(index, index.map(|_| wait)) => fetched,
+        };
+        match fetched {
+            Ok(page) => {
+                if failing {
+                    tracing::info!(url = %client.current_url(), "the registry answers again");
+                    failing = false;
+                }
+                backoff = Duration::from_millis(100);
+                if index.is_some_and(|i| page.index < i) {
+                    tracing::warn!(
+                        was = index,
+                        now = page.index,
+                        "the registry's index went back (its database was reset); following from there"
+                    );
+                }
+                index = Some(page.index);
+                for agent in page.agents.iter().filter(|a| a.alive) {
+                    if let Ok(addr) = agent.gossip_addr.parse::<SocketAddr>()
+                        && introduced.insert(addr)
+                    {
+                        gossip.introduce(addr);
+                    }
+                }
+                cache.set_registry(RegistryView::from(page));
+            }
+            Err(e) => {
+                metrics.registry_error();
+                if !failing {
+                    tracing::warn!(error = %e, "cannot follow the registry's catalog; answering from the cache and gossip");
+                    failing = true;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Saves the registry's word when it changed, at most once a second, and once more on the
+/// way out.
+pub async fn persist_loop(cache: Arc<Cache>, file: PathBuf, shutdown: CancellationToken) {
+    let mut saved_at = None;
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let stop = tokio::select! {
+            _ = shutdown.cancelled() => true,
+            _ = ticker.tick() => false,
+        };
+        let view = cache.registry();
+        let key = (view.index, view.instances.len(), view.confirmed_at);
+        if view.confirmed_at.is_some() && saved_at != Some(key) {
+            let file = file.clone();
+            match tokio::task::spawn_blocking(move || persist::save(&file, &view)).await {
+                Ok(Ok(())) => saved_at = Some(key),
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot save the catalog cache"),
+                Err(e) => tracing::warn!(error = %e, "saving the catalog cache failed"),
+            }
+        }
+        if stop {
+            return;
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! Prometheus metrics of one agent, rendered as text by `GET /metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use signpost_shared::model::Health;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// Every metric of the agent.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    lookups: Family<RouteLabels, Counter>,
+    cache_instances: Gauge,
+    members: Family<StateLabels, Gauge>,
+    checks: Family<ResultLabels, Counter>,
+    sync_age: Gauge,
+    registry_errors: Counter,
+    bad_gossip: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric under the `signpost_agent` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("signpost_agent");
+        let lookups = Family::<RouteLabels, Counter>::default();
+        registry.register("lookups", "Lookups answered, by route", lookups.clone());
+        let cache_instances = Gauge::default();
+        registry.register("cache_instances", "Instances in the merged catalog cache", cache_instances.clone());
+        let members = Family::<StateLabels, Gauge>::default();
+        registry.register("gossip_members", "Gossip members by state (this agent included)", members.clone());
+        let checks = Family::<ResultLabels, Counter>::default();
+        registry.register("check_results", "Local check results by health", checks.clone());
+        let sync_age = Gauge::default();
+        registry.register(
+            "registry_sync_age_seconds",
+            "Seconds since the registry last confirmed the catalog (-1: never)",
+            sync_age.clone(),
+        );
+        let registry_errors = Counter::default();
+        registry.register("registry_errors", "Failed calls to the registry", registry_errors.clone());
+        let bad_gossip = Counter::default();
+        registry.register("gossip_bad_values", "Peer gossip values skipped because they failed to decode or validate", bad_gossip.clone());
+        Metrics { registry, lookups, cache_instances, members, checks, sync_age, registry_errors, bad_gossip }
+    }
+
+    /// Counts one lookup.
+    pub fn lookup(&self, route: &'static str) {
+        self.lookups.get_or_create(&RouteLabels { route }).inc();
+    }
+
+    /// Records one local check result.
+    pub fn check(&self, health: Health) {
+        self.checks.get_or_create(&ResultLabels { result: health.as_str() }).inc();
+    }
+
+    /// Records the gossip membership.
+    pub fn members(&self, alive: usize, dead: usize) {
+        self.members.get_or_create(&StateLabels { state: "alive" }).set(alive as i64);
+        self.members.get_or_create(&StateLabels { state: "dead" }).set(dead as i64);
+    }
+
+    /// Counts a failed registry call.
+    pub fn registry_error(&self) {
+        self.registry_errors.inc();
+    }
+
+    /// Counts a skipped gossip value.
+    pub fn bad_gossip_value(&self) {
+        self.bad_gossip.inc();
+    }
+
+    /// The Prometheus text, with the cache gauges as of now.
+    pub fn render(&self, cache_instances: usize, sync_age_seconds: Option<i64>) -> String {
+        self.cache_instances.set(cache_instances as i64);
+        self.sync_age.set(sync_age_seconds.unwrap_or(-1));
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            tracing::warn!("cannot encode metrics");
+        }
+        out
+    }
+}
