@@ -88,7 +88,7 @@ impl ThrowawayPostgres {
         }
         let data = dir.path().join("data");
         let log = dir.path().join("postgres.log");
-        let control = Control { bin, data, log, port: super::free_port(), as_postgres_user };
+        let control = Control { bin, data, log, port: crate::free_port(), as_postgres_user };
         let data_arg = control.data.display().to_string();
         control.run("initdb", &["-D", &data_arg, "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]);
         control.start();

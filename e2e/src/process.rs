@@ -1,0 +1,341 @@
+//! The registry and agent binaries as real processes: started on HTTP ports the kernel picks
+//! (each logs the address it bound), their logs kept in files, killed when dropped.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use signpost_shared::client::{ClientConfig, RegistryClient};
+
+/// Settings for a registry process.
+#[derive(Debug, Default)]
+pub struct RegistryBuilder {
+    args: Vec<String>,
+    database_url: Option<String>,
+    cwd: Option<PathBuf>,
+}
+
+impl RegistryBuilder {
+    /// A registry on `database_url` (none: the default SQLite file).
+    pub fn new(database_url: Option<&str>) -> Self {
+        RegistryBuilder { database_url: database_url.map(str::to_string), ..Default::default() }
+    }
+
+    /// Adds a command-line argument.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Adds `--name value`.
+    pub fn flag(self, name: &str, value: impl Into<String>) -> Self {
+        self.arg(format!("--{name}")).arg(value)
+    }
+
+    /// Runs the process in `dir` (the default data folder is relative to it).
+    pub fn cwd(mut self, dir: PathBuf) -> Self {
+        self.cwd = Some(dir);
+        self
+    }
+
+    /// Starts the process and waits until it listens.
+    pub async fn start(self) -> Registry {
+        let dir = tempfile::Builder::new().prefix("signpost-registry-").tempdir().expect("temp dir");
+        let log = dir.path().join("registry.log");
+        let mut command = Command::new(crate::binary("signpost-registry"));
+        command.args(["--listen", "127.0.0.1:0", "--log-format", "json", "--log-level", "info,signpost_registry=debug"]);
+        if let Some(url) = &self.database_url {
+            command.args(["--database-url", url]);
+        }
+        if self.cwd.is_none() {
+            command.args(["--data-dir", &dir.path().join("data").display().to_string()]);
+        }
+        command.args(&self.args);
+        command.current_dir(self.cwd.clone().unwrap_or_else(|| dir.path().to_path_buf()));
+        command.env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null());
+        command.stderr(std::fs::File::create(&log).expect("log file"));
+        let child = command.spawn().expect("start signpost-registry");
+        let mut registry = Registry { child, addr: SocketAddr::from(([127, 0, 0, 1], 0)), log, _dir: dir };
+        registry.addr = registry.wait_listening().await;
+        registry
+    }
+}
+
+/// A running registry process.
+pub struct Registry {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    async fn wait_listening(&mut self) -> SocketAddr {
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(60));
+        loop {
+            for line in self.log_text().lines() {
+                let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
+                    continue;
+                };
+                if entry["message"] == "listening"
+                    && let Some(addr) = entry["addr"].as_str().and_then(|a| a.parse().ok())
+                {
+                    return addr;
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("signpost-registry exited with {status} before listening; log:\n{}", self.log_text());
+            }
+            if Instant::now() > deadline {
+                panic!("signpost-registry did not listen in time; log:\n{}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `http://addr/path`.
+    pub fn at(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// A typed client with no retries (tests want to see each answer).
+    pub fn client(&self) -> RegistryClient {
+        let mut config = ClientConfig::new(vec![self.url().parse().expect("url")]);
+        config.retries = 0;
+        RegistryClient::new(config).expect("client")
+    }
+
+    /// Everything it logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, then wait for it to die.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then the exit code within `timeout` (None if still running).
+    pub async fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// The value of an unlabelled metric, read from `/metrics`.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = reqwest::get(self.at("/metrics")).await.ok()?.text().await.ok()?;
+        text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+}
+
+/// Waits until the process logged `listening` (JSON logs) and returns the `addr` it names.
+async fn wait_listening(child: &mut Child, log: &std::path::Path) -> SocketAddr {
+    let deadline = Instant::now() + crate::patience(Duration::from_secs(60));
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        for line in text.lines() {
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+            if entry["message"] == "listening"
+                && let Some(addr) = entry["addr"].as_str().and_then(|a| a.parse().ok())
+            {
+                return addr;
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{} exited with {status} before listening; log:\n{text}", log.display());
+        }
+        if Instant::now() > deadline {
+            panic!("{} did not listen in time; log:\n{text}", log.display());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Sends a signal by name (`TERM`, `STOP`, `CONT`) to a process.
+pub fn signal(pid: u32, name: &str) {
+    let _ = Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status();
+}
+
+/// Settings for an agent process.
+#[derive(Debug)]
+pub struct AgentBuilder {
+    node: String,
+    args: Vec<String>,
+}
+
+impl AgentBuilder {
+    /// An agent named `node` that follows `registry` URLs (none: a registry that is not there).
+    pub fn new(node: &str, registries: &[String]) -> Self {
+        let mut args = Vec::new();
+        for url in registries {
+            args.push("--registry".to_string());
+            args.push(url.clone());
+        }
+        AgentBuilder { node: node.to_string(), args }
+    }
+
+    /// Adds `--name value`.
+    pub fn flag(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.args.push(format!("--{name}"));
+        self.args.push(value.into());
+        self
+    }
+
+    /// Starts the process and waits until it listens.
+    pub async fn start(self) -> Agent {
+        let dir = tempfile::Builder::new().prefix("signpost-agent-").tempdir().expect("temp dir");
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP port");
+        let gossip_port = udp.local_addr().expect("addr").port();
+        drop(udp);
+        let mut args = vec![
+            "--node".to_string(),
+            self.node.clone(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--gossip-listen".into(),
+            format!("127.0.0.1:{gossip_port}"),
+            "--data-dir".into(),
+            dir.path().join("data").display().to_string(),
+            "--log-format".into(),
+            "json".into(),
+            "--log-level".into(),
+            "info,signpost_agent=debug,chitchat=warn".into(),
+        ];
+        args.extend(self.args);
+        let mut agent =
+            Agent { node: self.node, args, dir, child: None, addr: SocketAddr::from(([127, 0, 0, 1], 0)), gossip_port, runs: 0 };
+        agent.spawn().await;
+        agent
+    }
+}
+
+/// A running agent process (restartable with the same data folder and gossip port).
+pub struct Agent {
+    /// Its node name.
+    pub node: String,
+    args: Vec<String>,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    /// Where its HTTP API listens (changes on restart).
+    pub addr: SocketAddr,
+    /// Its gossip UDP port.
+    pub gossip_port: u16,
+    runs: u32,
+}
+
+impl Agent {
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join(format!("agent-{}.log", self.runs))
+    }
+
+    async fn spawn(&mut self) {
+        self.runs += 1;
+        let log = self.log_path();
+        let mut command = Command::new(crate::binary("signpost-agent"));
+        command.args(&self.args).current_dir(self.dir.path()).env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null());
+        command.stderr(std::fs::File::create(&log).expect("log file"));
+        let mut child = command.spawn().expect("start signpost-agent");
+        self.addr = wait_listening(&mut child, &log).await;
+        self.child = Some(child);
+    }
+
+    /// Starts it again after it stopped or was killed.
+    pub async fn restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.spawn().await;
+    }
+
+    /// `http://addr/path`.
+    pub fn at(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or_default()
+    }
+
+    /// SIGKILL, then wait for it to die.
+    pub fn kill(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then the exit code within `timeout` (None if still running).
+    pub async fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        signal(child.id(), "TERM");
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// Everything it logged in its current run.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The instance ids of `service` this agent answers, with their health (health=any).
+    pub async fn lookup(&self, service: &str) -> Option<Vec<(String, String)>> {
+        let body: serde_json::Value = reqwest::get(self.at(&format!("/v1/services/{service}?health=any"))).await.ok()?.json().await.ok()?;
+        Some(
+            body["instances"]
+                .as_array()?
+                .iter()
+                .filter_map(|i| Some((i["id"].as_str()?.to_string(), i["health"].as_str()?.to_string())))
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- agent {} log ---\n{}", self.node, self.log_text());
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- registry log ({}) ---\n{}", self.addr, self.log_text());
+        }
+    }
+}
