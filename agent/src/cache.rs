@@ -53,6 +53,8 @@ pub struct Snapshot {
     pub confirmed_at: Option<DateTime<Utc>>,
     /// Gossip members.
     pub members: Vec<Member>,
+    /// True while the registry's feed answers.
+    pub feed_live: bool,
 }
 
 impl Snapshot {
@@ -66,8 +68,13 @@ impl Snapshot {
         self.services.values().flatten()
     }
 
-    /// Seconds since the registry last confirmed the catalog.
+    /// Seconds since the registry last confirmed the catalog: 0 while the feed is live (a
+    /// blocking query that has not returned means nothing changed), else the time since the
+    /// last answer; `None` when the registry never answered.
     pub fn stale_seconds(&self) -> Option<i64> {
+        if self.feed_live {
+            return Some(0);
+        }
         self.confirmed_at.map(|at| (Utc::now() - at).num_seconds().max(0))
     }
 }
@@ -75,6 +82,7 @@ impl Snapshot {
 #[derive(Debug, Default)]
 struct Sources {
     registry: RegistryView,
+    feed_live: bool,
     gossip: GossipView,
     /// When an instance known only from gossip was first seen, so its timestamps are stable.
     first_seen: HashMap<String, DateTime<Utc>>,
@@ -117,9 +125,22 @@ impl Cache {
         self.with_sources(|s| s.registry.clone())
     }
 
-    /// Replaces what the registry says.
+    /// Replaces what the registry says (a saved view at start; the feed's pages after).
     pub fn set_registry(&self, view: RegistryView) {
         self.update(|s| s.registry = view);
+    }
+
+    /// Records a page of the registry's feed: the feed is live.
+    pub fn set_registry_page(&self, view: RegistryView) {
+        self.update(|s| {
+            s.registry = view;
+            s.feed_live = true;
+        });
+    }
+
+    /// Records whether the registry's feed answers.
+    pub fn set_feed_live(&self, live: bool) {
+        self.update(|s| s.feed_live = live);
     }
 
     /// Replaces what gossip says.
@@ -147,6 +168,7 @@ impl Cache {
                 self_preservation: sources.registry.self_preservation,
                 confirmed_at: sources.registry.confirmed_at,
                 members: sources.gossip.members.clone(),
+                feed_live: sources.feed_live,
             });
             match self.current.write() {
                 Ok(mut current) => *current = snapshot,

@@ -56,10 +56,11 @@ pub async fn follow(
                         gossip.introduce(addr);
                     }
                 }
-                cache.set_registry(RegistryView::from(page));
+                cache.set_registry_page(RegistryView::from(page));
             }
             Err(e) => {
                 metrics.registry_error();
+                cache.set_feed_live(false);
                 if !failing {
                     tracing::warn!(error = %e, "cannot follow the registry's catalog; answering from the cache and gossip");
                     failing = true;

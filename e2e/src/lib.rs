@@ -5,6 +5,7 @@
 
 pub mod postgres;
 pub mod process;
+pub mod service;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -13,7 +14,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub use postgres::{TestDb, ThrowawayPostgres};
-pub use process::{Agent, AgentBuilder, Registry, RegistryBuilder};
+pub use process::{Agent, AgentBuilder, Registry, RegistryBuilder, signal};
+pub use service::TestService;
 
 /// The timeout `eventually` uses, scaled by `SIGNPOST_TEST_PATIENCE` (a factor ≥ 1) on a slow machine.
 pub fn patience(base: Duration) -> Duration {

@@ -14,6 +14,7 @@ pub struct RegistryBuilder {
     args: Vec<String>,
     database_url: Option<String>,
     cwd: Option<PathBuf>,
+    listen: Option<u16>,
 }
 
 impl RegistryBuilder {
@@ -33,6 +34,12 @@ impl RegistryBuilder {
         self.arg(format!("--{name}")).arg(value)
     }
 
+    /// Listens on this port instead of one the kernel picks (to restart at the same address).
+    pub fn port(mut self, port: u16) -> Self {
+        self.listen = Some(port);
+        self
+    }
+
     /// Runs the process in `dir` (the default data folder is relative to it).
     pub fn cwd(mut self, dir: PathBuf) -> Self {
         self.cwd = Some(dir);
@@ -44,7 +51,8 @@ impl RegistryBuilder {
         let dir = tempfile::Builder::new().prefix("signpost-registry-").tempdir().expect("temp dir");
         let log = dir.path().join("registry.log");
         let mut command = Command::new(crate::binary("signpost-registry"));
-        command.args(["--listen", "127.0.0.1:0", "--log-format", "json", "--log-level", "info,signpost_registry=debug"]);
+        let listen = format!("127.0.0.1:{}", self.listen.unwrap_or(0));
+        command.args(["--listen", &listen, "--log-format", "json", "--log-level", "info,signpost_registry=debug"]);
         if let Some(url) = &self.database_url {
             command.args(["--database-url", url]);
         }
@@ -271,6 +279,11 @@ impl Agent {
     /// `http://addr/path`.
     pub fn at(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// Its data folder.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
     }
 
     /// Its process id.

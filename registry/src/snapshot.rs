@@ -151,7 +151,14 @@ impl CatalogCache {
         if let Some(snapshot) = self.fresh(wanted) {
             return Ok(snapshot);
         }
-        let _one_at_a_time = self.rebuild.lock().await;
+        // Only the age ran out (no change is known): while another request rebuilds, answer
+        // from the current snapshot instead of queueing behind the rebuild.
+        let current_by_index = self.current.read().ok().and_then(|c| c.as_ref().filter(|s| s.index >= wanted).cloned());
+        let _one_at_a_time = match (self.rebuild.try_lock(), current_by_index) {
+            (Ok(guard), _) => guard,
+            (Err(_), Some(snapshot)) => return Ok(snapshot),
+            (Err(_), None) => self.rebuild.lock().await,
+        };
         // Another request may have rebuilt it while this one waited.
         if let Some(snapshot) = self.fresh(wanted) {
             return Ok(snapshot);
