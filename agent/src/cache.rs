@@ -4,7 +4,10 @@
 //! which blocking lookups wait.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
+
+use bytes::Bytes;
+use serde::Serialize;
 
 use chrono::{DateTime, Utc};
 use signpost_shared::model::{DEFAULT_TTL_S, Health, Instance};
@@ -55,12 +58,32 @@ pub struct Snapshot {
     pub members: Vec<Member>,
     /// True while the registry's feed answers.
     pub feed_live: bool,
+    /// Per service, the body of its default lookup (healthy instances, no filter), built on
+    /// first use and shared by every later lookup of this snapshot.
+    default_answers: HashMap<String, OnceLock<Bytes>>,
 }
 
 impl Snapshot {
     /// The instances of one service.
     pub fn service(&self, name: &str) -> &[Instance] {
         self.services.get(name).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// The serialized answer of a default lookup of `name` (healthy instances, no filter):
+    /// the hot path serializes once per snapshot, not once per request.
+    pub fn default_answer(&self, name: &str) -> Option<Bytes> {
+        let cell = self.default_answers.get(name)?;
+        Some(
+            cell.get_or_init(|| {
+                let answer = ServiceInstancesRef {
+                    service: name,
+                    index: self.index,
+                    instances: self.service(name).iter().filter(|i| i.is_healthy()).collect(),
+                };
+                Bytes::from(serde_json::to_vec(&answer).unwrap_or_default())
+            })
+            .clone(),
+        )
     }
 
     /// Every instance.
@@ -77,6 +100,14 @@ impl Snapshot {
         }
         self.confirmed_at.map(|at| (Utc::now() - at).num_seconds().max(0))
     }
+}
+
+/// `ServiceInstances` borrowing from the snapshot.
+#[derive(Serialize)]
+struct ServiceInstancesRef<'a> {
+    service: &'a str,
+    index: u64,
+    instances: Vec<&'a Instance>,
 }
 
 #[derive(Debug, Default)]
@@ -164,11 +195,12 @@ impl Cache {
             let index = if moved { previous.index + 1 } else { previous.index };
             let snapshot = Arc::new(Snapshot {
                 index,
-                services: merged,
                 self_preservation: sources.registry.self_preservation,
                 confirmed_at: sources.registry.confirmed_at,
                 members: sources.gossip.members.clone(),
                 feed_live: sources.feed_live,
+                default_answers: merged.keys().map(|k| (k.clone(), OnceLock::new())).collect(),
+                services: merged,
             });
             match self.current.write() {
                 Ok(mut current) => *current = snapshot,

@@ -93,6 +93,13 @@ pub async fn service(state: Arc<AgentState>, name: String, raw_query: String) ->
     let snapshot = state.cache.snapshot();
     let all = snapshot.service(&name);
     let protect = query.health == HealthFilter::Healthy && protected(&state, &name, all);
+    let default_query = query.health == HealthFilter::Healthy && query.tags.is_empty() && query.zone.is_none();
+    if default_query && !protect {
+        let body = snapshot.default_answer(&name).unwrap_or_else(|| empty_answer(&name, snapshot.index));
+        let mut response = Response::new(body.into());
+        response.headers_mut().insert(warp::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return Ok(headers(response, &snapshot));
+    }
     let health = if protect { HealthFilter::Any } else { query.health };
     let instances = all
         .iter()
@@ -105,6 +112,12 @@ pub async fn service(state: Arc<AgentState>, name: String, raw_query: String) ->
         response.headers_mut().insert(PROTECTION_HEADER, HeaderValue::from_static("on"));
     }
     Ok(response)
+}
+
+/// The answer for a service the catalog does not have.
+fn empty_answer(name: &str, index: u64) -> bytes::Bytes {
+    let answer = ServiceInstances { service: name.to_string(), index, instances: vec![] };
+    bytes::Bytes::from(serde_json::to_vec(&answer).unwrap_or_default())
 }
 
 /// One healthy instance, chosen at random by weight, from the agent's own zone when it has
