@@ -277,10 +277,15 @@ pub async fn run(gossip: Arc<Gossip>, local: Arc<LocalState>, cache: Arc<Cache>,
     let mut reported = HashSet::new();
     // Dead nodes do not change a live node's state: look again at every few rounds too.
     let mut ticker = tokio::time::interval(gossip.config().interval * 2);
+    let mut last: Option<GossipView> = None;
     loop {
         let view = gossip.view(&metrics, &mut reported).await;
         metrics.members(view.live.len(), view.dead.len());
-        cache.set_gossip(view);
+        // Merging costs a pass over the catalog: only when gossip said something new.
+        if last.as_ref() != Some(&view) {
+            cache.set_gossip(view.clone());
+            last = Some(view);
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = local_changes.changed() => {

@@ -324,3 +324,38 @@ async fn the_agent_fails_over_between_registries() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_lookup_at_the_agent_wakes_on_a_change() {
+    let (_db, registry) = registry().await;
+    let agent = AgentBuilder::new("node-a", &[registry.url()]).flag("service", "web:8080").start().await;
+    eventually("the agent knows its own instance", Duration::from_secs(10), || async {
+        agent.lookup("web").await.filter(|f| f.len() == 1)
+    })
+    .await;
+    // Once the catalog is quiet, a lookup waits out its wait and answers the same index.
+    let index: u64 = eventually("a quiet blocking lookup waits", Duration::from_secs(15), || async {
+        let first = reqwest::get(agent.at("/v1/services/web")).await.ok()?;
+        let index: u64 = first.headers().get("x-signpost-index")?.to_str().ok()?.parse().ok()?;
+        let started = std::time::Instant::now();
+        let same = reqwest::get(agent.at(&format!("/v1/services/web?index={index}&wait=300ms"))).await.ok()?;
+        let after: u64 = same.headers().get("x-signpost-index")?.to_str().ok()?.parse().ok()?;
+        (started.elapsed() >= Duration::from_millis(250) && after == index).then_some(index)
+    })
+    .await;
+    // A registration at the registry wakes it well before its wait ends.
+    let url = agent.at(&format!("/v1/services/web?index={index}&wait=30s"));
+    let waiter = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let body: Value = reqwest::get(url).await.expect("GET").json().await.expect("json");
+        (started.elapsed(), body)
+    });
+    register_at(&registry, json!({"id": "web-remote", "service": "web", "address": "10.0.0.9", "port": 80})).await;
+    let (elapsed, body) = waiter.await.expect("waiter");
+    assert!(elapsed < Duration::from_secs(10), "woke on the change ({elapsed:?})");
+    assert!(body["index"].as_u64().expect("index") > index);
+    eventually("both instances are answered", Duration::from_secs(10), || async {
+        agent.lookup("web").await.filter(|f| f.len() == 2).map(|_| ())
+    })
+    .await;
+}
