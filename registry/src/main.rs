@@ -6,9 +6,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use signpost_registry::config::{self, Cli, Command, RegistryConfig};
-use signpost_shared::config::{EXIT_USAGE, LogFormat};
+use signpost_shared::config::EXIT_USAGE;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -19,7 +18,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE as u8);
         }
     };
-    if let Err(e) = init_tracing(&config) {
+    if let Err(e) = signpost_shared::process::init_tracing(config.log_format, &config.log_level) {
         eprintln!("Invalid configuration: log_level: {e}");
         return ExitCode::from(EXIT_USAGE as u8);
     }
@@ -32,7 +31,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Serve) {
-            Command::Serve => signpost_registry::run(config, shutdown_signal()).await,
+            Command::Serve => signpost_registry::run(config, signpost_shared::process::shutdown_signal()).await,
             Command::Migrate => migrate_only(&config).await,
         }
     });
@@ -51,7 +50,7 @@ async fn migrate_only(config: &RegistryConfig) -> Result<(), signpost_registry::
     let token = CancellationToken::new();
     let stop = token.clone();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        signpost_shared::process::shutdown_signal().await;
         stop.cancel();
     });
     let done = signpost_registry::migrate(&store, &token).await?;
@@ -60,41 +59,4 @@ async fn migrate_only(config: &RegistryConfig) -> Result<(), signpost_registry::
         tracing::info!("migrations applied");
     }
     Ok(())
-}
-
-fn init_tracing(config: &RegistryConfig) -> Result<(), tracing_subscriber::filter::ParseError> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(value) if !value.is_empty() => EnvFilter::try_new(value)?,
-        _ => EnvFilter::try_new(&config.log_level)?,
-    };
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    match config.log_format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-    Ok(())
-}
-
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
 }

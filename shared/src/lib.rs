@@ -16,6 +16,7 @@ pub mod gossip;
 pub mod http;
 pub mod model;
 pub mod probe;
+pub mod process;
 pub mod validate;
 pub mod wire;
 

@@ -13,8 +13,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
-use signpost_shared::http::{ApiError, Body, recover};
+pub use signpost_shared::http::json;
+use signpost_shared::http::{ApiError, Body, raw_query, recover, respond, with_state};
 use tokio_util::sync::CancellationToken;
 use warp::http::StatusCode;
 use warp::reply::Response;
@@ -58,28 +58,8 @@ pub const MAX_WAIT: Duration = Duration::from_secs(600);
 
 type State = Arc<AgentState>;
 
-fn with_state(state: State) -> impl Filter<Extract = (State,), Error = Infallible> + Clone {
-    warp::any().map(move || state.clone())
-}
-
-fn raw_query() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
-    warp::query::raw().or(warp::any().map(String::new)).unify()
-}
-
 fn body() -> impl Filter<Extract = (Result<Body, ApiError>,), Error = Rejection> + Clone {
-    warp::header::optional::<String>("content-type")
-        .and(warp::header::optional::<u64>("content-length"))
-        .and(warp::body::stream())
-        .then(|content_type, length, stream| async move { Body::read(content_type, length, stream, MAX_BODY_BYTES).await })
-}
-
-/// A JSON answer.
-pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
-    warp::reply::with_status(warp::reply::json(value), status).into_response()
-}
-
-fn respond(result: Result<Response, ApiError>) -> Response {
-    result.unwrap_or_else(ApiError::into_response)
+    signpost_shared::http::body(MAX_BODY_BYTES)
 }
 
 /// Every route, with error recovery.

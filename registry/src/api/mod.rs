@@ -18,18 +18,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use self::auth::Auth;
-use self::error::ApiError;
-use self::request::Body;
 use crate::metrics::Metrics;
 use crate::snapshot::CatalogCache;
 use crate::store::Store;
+pub use signpost_shared::http::json;
+use signpost_shared::http::{body, raw_query, respond, with_state};
 
 /// Everything a request handler needs.
 #[derive(Debug)]
@@ -55,33 +53,9 @@ pub const DEFAULT_WAIT: Duration = Duration::from_secs(300);
 
 type State = Arc<AppState>;
 
-fn with_state(state: State) -> impl Filter<Extract = (State,), Error = Infallible> + Clone {
-    warp::any().map(move || state.clone())
-}
-
-/// The raw query string, empty when there is none.
-fn raw_query() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
-    warp::query::raw().or(warp::any().map(String::new)).unify()
-}
-
 /// The `Authorization` header, if any.
 fn authorization() -> impl Filter<Extract = (Option<String>,), Error = Rejection> + Clone {
     warp::header::optional::<String>("authorization")
-}
-
-/// The body, read up to the state's limit; reading errors are handed to the handler.
-fn body(state: State) -> impl Filter<Extract = (Result<Body, ApiError>,), Error = Rejection> + Clone {
-    warp::header::optional::<String>("content-type").and(warp::header::optional::<u64>("content-length")).and(warp::body::stream()).then(
-        move |content_type, length, stream| {
-            let limit = state.max_body_bytes;
-            async move { Body::read(content_type, length, stream, limit).await }
-        },
-    )
-}
-
-/// A JSON answer.
-pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
-    warp::reply::with_status(warp::reply::json(value), status).into_response()
 }
 
 /// A JSON answer already serialized.
@@ -99,11 +73,6 @@ pub fn with_index(mut response: Response, index: u64) -> Response {
     response
 }
 
-/// Turns a handler's outcome into a response.
-fn respond(result: Result<Response, ApiError>) -> Response {
-    result.unwrap_or_else(ApiError::into_response)
-}
-
 /// Every route, with error recovery and request metrics.
 pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let s = || with_state(state.clone());
@@ -111,7 +80,7 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
         .and(warp::post())
         .and(s())
         .and(authorization())
-        .and(body(state.clone()))
+        .and(body(state.max_body_bytes))
         .then(|st, auth, body| async move { respond(instances::register(st, auth, body).await) });
     let get_instance = warp::path!("v1" / "instances" / String)
         .and(warp::get())
@@ -127,13 +96,13 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
         .and(warp::put())
         .and(s())
         .and(authorization())
-        .and(body(state.clone()))
+        .and(body(state.max_body_bytes))
         .then(|id, st, auth, body| async move { respond(instances::heartbeat(st, auth, id, body).await) });
     let maintenance = warp::path!("v1" / "instances" / String / "maintenance")
         .and(warp::put())
         .and(s())
         .and(authorization())
-        .and(body(state.clone()))
+        .and(body(state.max_body_bytes))
         .then(|id, st, auth, body| async move { respond(instances::maintenance(st, auth, id, body).await) });
     let services = warp::path!("v1" / "services")
         .and(warp::get())
@@ -154,7 +123,7 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
         .and(warp::put())
         .and(s())
         .and(authorization())
-        .and(body(state.clone()))
+        .and(body(state.max_body_bytes))
         .then(|node, st, auth, body| async move { respond(agents::announce(st, auth, node, body).await) });
     let list_agents = warp::path!("v1" / "agents").and(warp::get()).and(s()).then(|st| async move { respond(agents::list(st).await) });
     let healthz = warp::path!("healthz").and(warp::get()).map(ops::healthz);

@@ -3,7 +3,9 @@
 //! strings ([`request`]).
 
 pub mod error;
+pub mod filters;
 pub mod request;
 
 pub use error::{ApiError, recover};
+pub use filters::{body, json, raw_query, respond, with_state};
 pub use request::{Body, HealthFilter, ReadQuery};
