@@ -67,11 +67,29 @@ struct Reading {
 }
 
 impl CpuWatch {
-    /// A watch over this process and `watched`.
+    /// A watch over this process (as `generator`) and `watched`.
     pub fn new(watched: &[Watched]) -> Self {
-        let mut all = vec![Watched { name: "generator".into(), selector: Selector::Pid(std::process::id()) }];
+        Self::with_generator(watched, std::process::id())
+    }
+
+    /// A watch over process `generator` (e.g. a `wrk` this process started) and `watched`.
+    pub fn with_generator(watched: &[Watched], generator: u32) -> Self {
+        let mut all = vec![Watched { name: "generator".into(), selector: Selector::Pid(generator) }];
         all.extend(watched.iter().cloned());
         CpuWatch { watched: all, start: None }
+    }
+
+    /// Resident memory (`VmRSS`) now of each watched single process (`pid:` watches), in
+    /// KiB, by name; the generator is left out.
+    pub fn rss_kib(&self) -> BTreeMap<String, u64> {
+        self.watched
+            .iter()
+            .skip(1)
+            .filter_map(|w| match w.selector {
+                Selector::Pid(pid) => Some((w.name.clone(), process_rss_kib(pid)?)),
+                Selector::Cmdline(_) => None,
+            })
+            .collect()
     }
 
     /// Takes the first reading.
@@ -143,6 +161,16 @@ fn parse_machine_busy(stat: &str) -> Option<u64> {
     (fields.len() >= 4).then_some(busy)
 }
 
+/// `VmRSS` of a process, in KiB.
+pub fn process_rss_kib(pid: u32) -> Option<u64> {
+    parse_rss_kib(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+fn parse_rss_kib(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.trim_start_matches("VmRSS:").split_whitespace().next()?.parse().ok()
+}
+
 fn process_ticks(pid: u32) -> Option<u64> {
     parse_stat_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
@@ -178,6 +206,15 @@ mod tests {
         let stat = "1234 (a (weird) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 4 0 100 0 0";
         assert_eq!(parse_stat_ticks(stat), Some(325));
         assert_eq!(parse_stat_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn reads_the_resident_memory() {
+        assert_eq!(parse_rss_kib("Name:\tx\nVmHWM:\t  13228 kB\nVmRSS:\t   13164 kB\n"), Some(13164));
+        assert_eq!(parse_rss_kib("Name:\tkthreadd\n"), None);
+        if std::path::Path::new("/proc/self/status").exists() {
+            assert!(process_rss_kib(std::process::id()).is_some_and(|kib| kib > 0));
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The closed-loop load driver: `concurrency` workers, each sending its next request as soon
 //! as the previous answer's body has been read, over one shared HTTP client. A run stops
 //! after a count of requests or after a warm-up plus a measured window; only requests that
-//! complete inside the window count.
+//! complete inside the window count. Each worker sends through a [`Session`]: the shared
+//! reqwest client, or a bare keep-alive connection of its own ([`crate::raw`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -96,9 +97,22 @@ impl Tally {
     }
 }
 
-enum Outcome {
-    Ok { bytes: u64 },
-    Status { status: u16, body: String },
+/// How one request ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Answered 2xx with a body of this size.
+    Ok {
+        /// Body bytes.
+        bytes: u64,
+    },
+    /// Answered with another status.
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// The start of the body.
+        body: String,
+    },
+    /// No answer (connect, timeout, reset, unreadable answer).
     Failed(String),
 }
 
@@ -111,6 +125,8 @@ pub struct Measured {
     pub elapsed: Duration,
     /// CPU cores used during the window, by watched process.
     pub cpu_cores: BTreeMap<String, f64>,
+    /// Resident memory of the watched single processes at the end of the window, in KiB.
+    pub rss_kib: BTreeMap<String, u64>,
 }
 
 /// Prints progress to stderr once a second while a counted run goes on.
@@ -120,18 +136,48 @@ pub struct Progress {
     pub label: String,
 }
 
-/// Sends `request(seq)` for seq = 0, 1, 2, … from `concurrency` workers until `stop`.
-pub async fn drive<F>(
+/// One worker's way of sending requests: over the shared reqwest client ([`Reqwest`]) or
+/// over a connection of its own ([`crate::raw::Raw`]).
+pub trait Session: Send + 'static {
+    /// Sends request number `seq` and reads its whole answer.
+    fn send(&mut self, seq: u64) -> impl std::future::Future<Output = Outcome> + Send;
+}
+
+/// Requests built by a closure and sent through the shared reqwest client.
+pub struct Reqwest<F> {
     client: reqwest::Client,
+    request: Arc<F>,
+}
+
+impl<F> Reqwest<F>
+where
+    F: Fn(&reqwest::Client, u64) -> reqwest::RequestBuilder + Send + Sync + 'static,
+{
+    /// A factory of sessions sharing `client`, one per worker.
+    pub fn sessions(client: reqwest::Client, request: F) -> impl FnMut() -> Self {
+        let request = Arc::new(request);
+        move || Reqwest { client: client.clone(), request: request.clone() }
+    }
+}
+
+impl<F> Session for Reqwest<F>
+where
+    F: Fn(&reqwest::Client, u64) -> reqwest::RequestBuilder + Send + Sync + 'static,
+{
+    fn send(&mut self, seq: u64) -> impl std::future::Future<Output = Outcome> + Send {
+        send((self.request)(&self.client, seq))
+    }
+}
+
+/// Sends `request(seq)` for seq = 0, 1, 2, … from `concurrency` workers, each with a session
+/// from `session`, until `stop`.
+pub async fn drive<S: Session>(
     concurrency: usize,
     stop: Stop,
     progress: Option<Progress>,
     mut cpu: CpuWatch,
-    request: F,
-) -> anyhow::Result<Measured>
-where
-    F: Fn(&reqwest::Client, u64) -> reqwest::RequestBuilder + Send + Sync + 'static,
-{
+    mut session: impl FnMut() -> S,
+) -> anyhow::Result<Measured> {
     let started = Instant::now();
     let (measure_from, end) = match stop {
         Stop::Count(_) => (started, None),
@@ -143,10 +189,9 @@ where
     };
     let next = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
-    let request = Arc::new(request);
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..concurrency.max(1) {
-        let (client, next, done, request) = (client.clone(), next.clone(), done.clone(), request.clone());
+        let (mut session, next, done) = (session(), next.clone(), done.clone());
         workers.spawn(async move {
             let mut tally = Tally::default();
             loop {
@@ -155,7 +200,7 @@ where
                 if seq >= limit || end.is_some_and(|end| began >= end) {
                     break;
                 }
-                let outcome = send(request(&client, seq)).await;
+                let outcome = session.send(seq).await;
                 let finished = Instant::now();
                 done.fetch_add(1, Ordering::Relaxed);
                 if end.is_some_and(|end| finished > end) {
@@ -180,11 +225,12 @@ where
     let window_end = end.map_or_else(Instant::now, |end| end.min(Instant::now()));
     let elapsed = window_end.saturating_duration_since(window_start);
     let cpu_cores = cpu.cores();
+    let rss_kib = cpu.rss_kib();
     if let Some(reporter) = reporter {
         reporter.abort();
     }
     tally.latencies_us.sort_unstable();
-    Ok(Measured { tally, elapsed, cpu_cores })
+    Ok(Measured { tally, elapsed, cpu_cores, rss_kib })
 }
 
 async fn send(request: reqwest::RequestBuilder) -> Outcome {

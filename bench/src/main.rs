@@ -1,36 +1,48 @@
 //! `signpost-bench`: the load generator of Signpost's benchmarks. It runs in a process of its
-//! own and drives a registry (or the Express baseline, which answers the same routes) over
-//! HTTP/1.1 keep-alive connections. `scripts/bench-registry` runs it; docs/benchmarks.md
-//! explains what it measures.
+//! own and drives a registry (or the Express baseline, which answers the same routes), or an
+//! agent's lookups, over HTTP/1.1 keep-alive connections. `scripts/bench-registry` and
+//! `scripts/bench-agent` run it; docs/benchmarks.md explains what it measures.
 //!
 //! # Layout
 //! - [`fleet`]: names and bodies of the seeded and new instances
 //! - [`load`]: the closed-loop driver and the shared HTTP client
-//! - [`cpu`]: CPU used by the generator, the server and PostgreSQL (`/proc`)
+//! - [`raw`]: a bare HTTP/1.1 client per worker (`--driver raw`)
+//! - [`wrk`]: lookups sent by `wrk` (`--driver wrk`)
+//! - [`bare`]: a minimal hyper server answering a fixed body (`bare`)
+//! - [`cpu`]: CPU and memory used by the generator, the server and PostgreSQL (`/proc`)
 //! - [`result`]: a run's one-line summary and JSON line
 //! - [`report`]: the Markdown tables comparing two targets
+//! - [`lookups_report`]: the tables of the agent's lookup benchmark (`lookup-report`)
 
+mod bare;
 mod cpu;
 mod fleet;
 mod load;
+mod lookups_report;
+mod raw;
 mod report;
 mod result;
+mod wrk;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use reqwest::Method;
 
+use crate::bare::BareArgs;
 use crate::cpu::{CpuWatch, Watched};
 use crate::fleet::{Fleet, Registration};
-use crate::load::{Progress, Stop, drive, error_chain};
+use crate::load::{Progress, Reqwest, Stop, drive, error_chain};
+use crate::lookups_report::LookupReportArgs;
+use crate::raw::Raw;
 use crate::report::ReportArgs;
 use crate::result::{Kind, RunResult};
+use crate::wrk::Wrk;
 
-/// Load generator for the Signpost registry (and the Express baseline of its benchmark).
+/// Load generator for the Signpost registry and agent (and the baselines of their benchmarks).
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
@@ -51,10 +63,25 @@ enum Command {
     Heartbeat(TimedArgs),
     /// Lookups per second and their latency: GET /v1/services/{name} of the seeded services.
     Lookup(TimedArgs),
-    /// Wait until URL+PATH answers 2xx (a server that is still starting).
+    /// Wait until URL+PATH answers 2xx (a server that is still starting), with --min-instances.
     Wait(WaitArgs),
     /// Print the Markdown tables comparing two targets from a --json-out file.
     Report(ReportArgs),
+    /// Serve one fixed answer (from a file or copied from a URL) to every request: the limit.
+    Bare(BareArgs),
+    /// Print the tables of the agent's lookup benchmark (bare, agent, registry) from a --json-out file.
+    LookupReport(LookupReportArgs),
+}
+
+/// What sends the requests of a timed run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Driver {
+    /// The shared reqwest client (about 17 µs of generator CPU per request).
+    Reqwest,
+    /// A bare HTTP/1.1 connection per worker (lookups only; a few µs per request).
+    Raw,
+    /// `wrk`, started as a child process (lookups of one service only).
+    Wrk,
 }
 
 /// Where to send requests and what to do with the result.
@@ -126,6 +153,15 @@ struct TimedArgs {
     /// Tag that makes `register`'s ids new [default: the current time in base 36].
     #[arg(long)]
     run_tag: Option<String>,
+    /// What sends the requests; raw and wrk only for `lookup`.
+    #[arg(long, value_enum, default_value_t = Driver::Reqwest)]
+    driver: Driver,
+    /// The wrk binary of --driver wrk.
+    #[arg(long, default_value = "wrk")]
+    wrk: PathBuf,
+    /// Threads of wrk (-t).
+    #[arg(long, default_value_t = 2)]
+    wrk_threads: usize,
 }
 
 #[derive(Debug, Args)]
@@ -139,6 +175,10 @@ struct WaitArgs {
     /// Longest wait.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Also wait until the answer is JSON with at least this many entries in `instances`
+    /// (e.g. an agent's lookup once its cache holds the service).
+    #[arg(long)]
+    min_instances: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -166,6 +206,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Wait(args) => wait(args).await,
         Command::Report(args) => {
             print!("{}", report::render_file(&args)?);
+            Ok(())
+        }
+        Command::Bare(args) => bare::run(args).await,
+        Command::LookupReport(args) => {
+            print!("{}", lookups_report::render_file(&args)?);
             Ok(())
         }
     }
@@ -196,7 +241,8 @@ async fn seed(args: SeedArgs) -> anyhow::Result<()> {
     let request = move |client: &reqwest::Client, n: u64| {
         client.post(&endpoint).json(&Registration::new(fleet.instance_id(n), fleet.service_of(n), n, ttl_s))
     };
-    let measured = drive(client, t.concurrency, Stop::Count(args.fleet.instances), Some(progress), CpuWatch::new(&t.cpu), request).await?;
+    let sessions = Reqwest::sessions(client, request);
+    let measured = drive(t.concurrency, Stop::Count(args.fleet.instances), Some(progress), CpuWatch::new(&t.cpu), sessions).await?;
     // A partial fleet would make every later figure wrong: no failure is tolerated.
     finish(Kind::Seed, t, 0.0, measured)
 }
@@ -208,19 +254,45 @@ async fn timed(kind: Kind, args: TimedArgs) -> anyhow::Result<()> {
     let url = base_url(&t.url);
     let stop = Stop::Timed { warmup: args.warmup, measure: args.duration };
     let cpu = CpuWatch::new(&t.cpu);
+    if args.driver != Driver::Reqwest && kind != Kind::Lookup {
+        bail!("--driver {} sends lookups only; {} runs use --driver reqwest", format!("{:?}", args.driver).to_lowercase(), kind.as_str());
+    }
     let measured = match kind {
         Kind::Heartbeat => {
             check_seeded_instance(&client, &url, &fleet).await?;
             let request = move |client: &reqwest::Client, n: u64| {
                 client.put(format!("{url}/v1/instances/{}/heartbeat", fleet.instance_id(n % fleet.instances)))
             };
-            drive(client, t.concurrency, stop, None, cpu, request).await?
+            drive(t.concurrency, stop, None, cpu, Reqwest::sessions(client, request)).await?
         }
         Kind::Lookup => {
-            check_seeded_service(&client, &url, &fleet).await?;
-            let request =
-                move |client: &reqwest::Client, n: u64| client.get(format!("{url}/v1/services/{}", fleet.service(n % fleet.services())));
-            drive(client, t.concurrency, stop, None, cpu, request).await?
+            let body_bytes = check_seeded_service(&client, &url, &fleet).await?;
+            match args.driver {
+                Driver::Reqwest => {
+                    let request = move |client: &reqwest::Client, n: u64| {
+                        client.get(format!("{url}/v1/services/{}", fleet.service(n % fleet.services())))
+                    };
+                    drive(t.concurrency, stop, None, cpu, Reqwest::sessions(client, request)).await?
+                }
+                Driver::Raw => {
+                    let paths: Vec<String> = (0..fleet.services()).map(|s| format!("/v1/services/{}", fleet.service(s))).collect();
+                    drive(t.concurrency, stop, None, cpu, Raw::sessions(&url, &paths, t.request_timeout)?).await?
+                }
+                Driver::Wrk => {
+                    if fleet.services() > 1 {
+                        bail!("--driver wrk looks up one service: give --instances no larger than --per-service");
+                    }
+                    let wrk = Wrk {
+                        program: args.wrk.clone(),
+                        threads: args.wrk_threads,
+                        connections: t.concurrency,
+                        timeout: t.request_timeout,
+                    };
+                    let lookup = format!("{url}/v1/services/{}", fleet.service(0));
+                    let (measured, figures) = wrk.run(&lookup, args.warmup, args.duration, &t.cpu, body_bytes).await?;
+                    return emit(wrk::result(&t.target, &url, t.concurrency, measured, &figures), t, t.max_error_rate);
+                }
+            }
         }
         Kind::Register | Kind::Seed => {
             let run = args.run_tag.clone().unwrap_or_else(fleet::run_tag);
@@ -231,15 +303,23 @@ async fn timed(kind: Kind, args: TimedArgs) -> anyhow::Result<()> {
             let request = move |client: &reqwest::Client, n: u64| {
                 client.post(&endpoint).json(&Registration::new(fleet.new_instance_id(&run, n), fleet.new_service_of(&run, n), n, ttl_s))
             };
-            drive(client, t.concurrency, stop, None, cpu, request).await?
+            drive(t.concurrency, stop, None, cpu, Reqwest::sessions(client, request)).await?
         }
     };
-    finish(kind, t, t.max_error_rate, measured)
+    let mut result = RunResult::new(kind, &t.target, &base_url(&t.url), t.concurrency, measured);
+    if kind == Kind::Lookup && args.driver == Driver::Raw {
+        "raw".clone_into(&mut result.driver);
+    }
+    emit(result, t, t.max_error_rate)
 }
 
 /// Prints (and stores) the result; fails when too many requests failed.
 fn finish(kind: Kind, t: &TargetArgs, max_error_rate: f64, measured: load::Measured) -> anyhow::Result<()> {
-    let result = RunResult::new(kind, &t.target, &base_url(&t.url), t.concurrency, measured);
+    emit(RunResult::new(kind, &t.target, &base_url(&t.url), t.concurrency, measured), t, max_error_rate)
+}
+
+/// Prints (and stores) a result; fails when too many requests failed.
+fn emit(result: RunResult, t: &TargetArgs, max_error_rate: f64) -> anyhow::Result<()> {
     if t.json {
         println!("{}", serde_json::to_string(&result)?);
     } else {
@@ -272,8 +352,8 @@ async fn check_seeded_instance(client: &reqwest::Client, url: &str, fleet: &Flee
 }
 
 /// The first seeded service must answer with all its instances healthy, so that every
-/// target is asked for the same work.
-async fn check_seeded_service(client: &reqwest::Client, url: &str, fleet: &Fleet) -> anyhow::Result<()> {
+/// target is asked for the same work. Returns the size of its answer's body.
+async fn check_seeded_service(client: &reqwest::Client, url: &str, fleet: &Fleet) -> anyhow::Result<u64> {
     let service = fleet.service(0);
     let (status, body) = call(client, Method::GET, &format!("{url}/v1/services/{service}")).await?;
     if status != 200 {
@@ -285,7 +365,7 @@ async fn check_seeded_service(client: &reqwest::Client, url: &str, fleet: &Fleet
     if found != Some(usize::try_from(expected)?) {
         bail!("service `{service}` has {found:?} healthy instances, not {expected} (run `signpost-bench seed` with the same fleet first)");
     }
-    Ok(())
+    Ok(body.len() as u64)
 }
 
 async fn call(client: &reqwest::Client, method: Method, url: &str) -> anyhow::Result<(u16, String)> {
@@ -301,7 +381,19 @@ async fn wait(args: WaitArgs) -> anyhow::Result<()> {
     let deadline = Instant::now() + args.timeout;
     loop {
         let last = match call(&client, Method::GET, &url).await {
-            Ok((status, _)) if (200..300).contains(&status) => return Ok(()),
+            Ok((status, body)) if (200..300).contains(&status) => match args.min_instances {
+                None => return Ok(()),
+                Some(min) => {
+                    let found = serde_json::from_str::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|answer| answer.get("instances")?.as_array().map(Vec::len));
+                    match found {
+                        Some(n) if n >= min => return Ok(()),
+                        Some(n) => format!("{n} instances, waiting for {min}"),
+                        None => format!("no `instances` list in the answer: {}", body.chars().take(200).collect::<String>()),
+                    }
+                }
+            },
             Ok((status, body)) => format!("HTTP {status}: {body}"),
             Err(e) => format!("{e:#}"),
         };

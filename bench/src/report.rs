@@ -240,6 +240,8 @@ mod tests {
             latency_ms: Latency { p50, p90: p50, p99: p50 * 2.0, max: p50 * 4.0, mean: p50 },
             bytes_per_response: 500.0,
             cpu_cores: BTreeMap::from([("generator".into(), 0.5), ("server".into(), 1.0), ("machine".into(), 1.75)]),
+            rss_kib: BTreeMap::new(),
+            driver: "reqwest".into(),
             unix_time: 0,
         }
     }

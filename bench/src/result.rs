@@ -78,8 +78,16 @@ pub struct RunResult {
     pub latency_ms: Latency,
     /// Mean body size of the successful answers.
     pub bytes_per_response: f64,
-    /// CPU cores used in the window: `generator` (this process) and each `--cpu` watch.
+    /// CPU cores used in the window: `generator` (this process, or the `wrk` it ran) and
+    /// each `--cpu` watch.
     pub cpu_cores: BTreeMap<String, f64>,
+    /// Resident memory of each `--cpu NAME=pid:PID` process at the end of the window, in KiB.
+    #[serde(default)]
+    pub rss_kib: BTreeMap<String, u64>,
+    /// What sent the requests: `reqwest` (the shared client), `raw` (a bare HTTP/1.1
+    /// connection per worker) or `wrk`.
+    #[serde(default = "default_driver")]
+    pub driver: String,
     /// When the run ended (unix seconds).
     pub unix_time: u64,
 }
@@ -87,7 +95,7 @@ pub struct RunResult {
 impl RunResult {
     /// The result of a finished run.
     pub fn new(kind: Kind, target: &str, url: &str, concurrency: usize, measured: Measured) -> Self {
-        let Measured { tally, elapsed, cpu_cores } = measured;
+        let Measured { tally, elapsed, cpu_cores, rss_kib } = measured;
         let seconds = elapsed.as_secs_f64();
         let ms = |share: f64| f64::from(percentile(&tally.latencies_us, share).unwrap_or(0)) / 1000.0;
         let count = tally.latencies_us.len();
@@ -111,6 +119,8 @@ impl RunResult {
             latency_ms: Latency { p50: ms(0.50), p90: ms(0.90), p99: ms(0.99), max: ms(1.0), mean },
             bytes_per_response: if tally.ok == 0 { 0.0 } else { tally.bytes as f64 / tally.ok as f64 },
             cpu_cores,
+            rss_kib,
+            driver: default_driver(),
             unix_time: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         }
     }
@@ -138,9 +148,16 @@ impl RunResult {
             self.concurrency,
             self.seconds,
         );
+        if self.driver != "reqwest" {
+            line.push_str(&format!("  driver {}", self.driver));
+        }
         if !self.cpu_cores.is_empty() {
             let cpu: Vec<String> = self.cpu_cores.iter().map(|(name, cores)| format!("{name} {cores:.2}")).collect();
             line.push_str(&format!("  cpu cores: {}", cpu.join(", ")));
+        }
+        if !self.rss_kib.is_empty() {
+            let rss: Vec<String> = self.rss_kib.iter().map(|(name, kib)| format!("{name} {:.1} MiB", *kib as f64 / 1024.0)).collect();
+            line.push_str(&format!("  rss: {}", rss.join(", ")));
         }
         if let Some(error) = &self.first_error {
             line.push_str(&format!("  first error: {error}"));
@@ -156,6 +173,10 @@ impl RunResult {
         line.push(b'\n');
         file.write_all(&line).with_context(|| format!("cannot write {}", path.display()))
     }
+}
+
+fn default_driver() -> String {
+    "reqwest".to_owned()
 }
 
 /// A number rounded to an integer, with thousands separated by commas: `12,345`.
