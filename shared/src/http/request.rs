@@ -12,6 +12,9 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 
+/// How many times the limit a too-large body may be before it is refused without reading it.
+const DRAIN_FACTOR: u64 = 16;
+
 /// A request body read up to the limit, with its content type.
 #[derive(Debug)]
 pub struct Body {
@@ -26,15 +29,29 @@ impl Body {
         S: Stream<Item = Result<B, warp::Error>>,
         B: Buf,
     {
-        if content_length.is_some_and(|n| n > limit) {
+        // A body somewhat over the limit is read and dropped before the 413, so that the
+        // client gets the answer instead of a connection reset mid-upload; a far larger one
+        // is refused at once.
+        let drain_limit = limit.saturating_mul(DRAIN_FACTOR);
+        if content_length.is_some_and(|n| n > drain_limit) {
             return Err(ApiError::PayloadTooLarge(limit));
         }
         let mut stream = std::pin::pin!(stream);
         let mut bytes = BytesMut::new();
+        let mut seen: u64 = 0;
+        let mut too_large = content_length.is_some_and(|n| n > limit);
         while let Some(chunk) = stream.next().await {
             let mut chunk = chunk.map_err(|e| ApiError::bad_request("body_read", format!("cannot read the body: {e}")))?;
-            if bytes.len() as u64 + chunk.remaining() as u64 > limit {
-                return Err(ApiError::PayloadTooLarge(limit));
+            seen += chunk.remaining() as u64;
+            if seen > limit {
+                too_large = true;
+            }
+            if seen > drain_limit {
+                break;
+            }
+            if too_large {
+                chunk.advance(chunk.remaining());
+                continue;
             }
             while chunk.has_remaining() {
                 let part = chunk.chunk();
@@ -42,6 +59,9 @@ impl Body {
                 let n = part.len();
                 chunk.advance(n);
             }
+        }
+        if too_large {
+            return Err(ApiError::PayloadTooLarge(limit));
         }
         Ok(Body { content_type, bytes: bytes.freeze() })
     }
