@@ -153,7 +153,12 @@ impl CatalogCache {
         }
         // Only the age ran out (no change is known): while another request rebuilds, answer
         // from the current snapshot instead of queueing behind the rebuild.
-        let current_by_index = self.current.read().ok().and_then(|c| c.as_ref().filter(|s| s.index >= wanted).cloned());
+        // With a max age of zero every read goes to the database, as configured.
+        let current_by_index = if self.max_age.is_zero() {
+            None
+        } else {
+            self.current.read().ok().and_then(|c| c.as_ref().filter(|s| s.index >= wanted).cloned())
+        };
         let _one_at_a_time = match (self.rebuild.try_lock(), current_by_index) {
             (Ok(guard), _) => guard,
             (Err(_), Some(snapshot)) => return Ok(snapshot),
