@@ -35,3 +35,46 @@ pub async fn shutdown_signal() {
         }
     }
 }
+
+/// The body of both binaries' `main`: a loaded configuration (exit 64 when invalid), logging
+/// set up from it, a runtime, then `work` to completion (exit 1 on its error).
+pub fn main<C, E, F>(
+    name: &str,
+    config: Result<C, crate::config::ConfigError>,
+    logging: impl FnOnce(&C) -> (crate::config::LogFormat, String),
+    work: impl FnOnce(C) -> F,
+) -> std::process::ExitCode
+where
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<(), E>>,
+{
+    use std::process::ExitCode;
+    let usage = ExitCode::from(crate::config::EXIT_USAGE as u8);
+    let config = match config {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("Invalid configuration: {e}");
+            return usage;
+        }
+    };
+    let (format, level) = logging(&config);
+    if let Err(e) = init_tracing(format, &level) {
+        eprintln!("Invalid configuration: log_level: {e}");
+        return usage;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("{name}: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "{name} failed");
+            eprintln!("{name}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
