@@ -9,22 +9,25 @@ use signpost_shared::http::{ApiError, HealthFilter, ReadQuery};
 use signpost_shared::model::Instance;
 use signpost_shared::validate;
 use signpost_shared::wire::{INDEX_HEADER, ServiceInstances, ServiceSummary, ServicesPage};
-use warp::http::{HeaderValue, StatusCode};
+use warp::http::{HeaderName, HeaderValue, StatusCode};
 use warp::reply::Response;
 
 use super::{AgentState, DEFAULT_WAIT, MAX_WAIT, json};
 use crate::cache::Snapshot;
 
+/// Header: the agent's change index (a constant name: not parsed again per request).
+const INDEX: HeaderName = HeaderName::from_static(INDEX_HEADER);
 /// Header: seconds since the registry last confirmed the catalog.
 pub const STALE_HEADER: &str = "x-signpost-stale-seconds";
+const STALE: HeaderName = HeaderName::from_static(STALE_HEADER);
 /// Header: present (`on`) when the protection threshold made the answer hold every instance.
 pub const PROTECTION_HEADER: &str = "x-signpost-protection";
 
 fn headers(mut response: Response, snapshot: &Snapshot) -> Response {
     let headers = response.headers_mut();
-    headers.insert(INDEX_HEADER, HeaderValue::from(snapshot.index));
+    headers.insert(INDEX, HeaderValue::from(snapshot.index));
     if let Some(stale) = snapshot.stale_seconds() {
-        headers.insert(STALE_HEADER, HeaderValue::from(stale));
+        headers.insert(STALE, HeaderValue::from(stale));
     }
     response
 }
