@@ -4,7 +4,7 @@
 //! the registry's agent list. A peer's value that fails to decode or validate is logged once
 //! and skipped; it never reaches the cache.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -139,28 +139,9 @@ impl Gossip {
             .await;
     }
 
-    /// Reads every node's state into a view.
-    pub async fn view(&self, metrics: &Metrics, reported: &mut HashSet<(String, String, u64)>) -> GossipView {
-        self.handle
-            .with_chitchat(|chitchat| {
-                let live_ids: Vec<ChitchatId> = chitchat.live_nodes().cloned().collect();
-                let mut view = GossipView::default();
-                for id in &live_ids {
-                    let Some(state) = chitchat.node_state(id) else { continue };
-                    if let Some(peer) = read_peer(id, state, metrics, reported) {
-                        view.members.push(member(id, "alive", Some(&peer)));
-                        view.live.insert(id.node_id.to_string(), peer);
-                    }
-                }
-                for id in chitchat.dead_nodes() {
-                    if !view.live.contains_key(id.node_id.as_ref()) {
-                        view.dead.insert(id.node_id.to_string());
-                        view.members.push(member(id, "dead", None));
-                    }
-                }
-                view
-            })
-            .await
+    /// The nodes the failure detector found dead (a short read under the chitchat lock).
+    pub async fn dead_nodes(&self) -> Vec<ChitchatId> {
+        self.handle.with_chitchat(|chitchat| chitchat.dead_nodes().cloned().collect()).await
     }
 
     /// Waits for the live set or a live node's state to change.
@@ -231,14 +212,36 @@ fn own_key_values(config: &GossipConfig, local: &LocalState, force_health: Optio
     out
 }
 
-fn read_peer(id: &ChitchatId, state: &NodeState, metrics: &Metrics, reported: &mut HashSet<(String, String, u64)>) -> Option<Peer> {
+/// This agent as its peers will see it once the next round carries it: what it publishes,
+/// read straight from `LocalState`, so its own lookups show a local change at once.
+fn own_peer(config: &GossipConfig, local: &LocalState) -> Peer {
+    let mut instances = BTreeMap::new();
+    for (key, value) in own_key_values(config, local, None) {
+        if let Some(id) = key.strip_prefix(INSTANCE_PREFIX)
+            && let Ok(instance) = GossipInstance::decode(id, &value)
+        {
+            instances.insert(id.to_string(), instance);
+        }
+    }
+    Peer { http: config.http_addr.clone(), zone: config.zone.clone(), instances }
+}
+
+fn read_peer(id: &ChitchatId, state: &NodeState, metrics: &Metrics, reported: &mut Reported) -> Option<Peer> {
     let mut refuse = |key: &str, error: &dyn std::fmt::Display| {
         let version = state.get_versioned(key).map(|v| v.version).unwrap_or_default();
-        metrics.bad_gossip_value();
-        if reported.insert((id.node_id.to_string(), key.to_string(), version)) {
+        let seen = (id.node_id.to_string(), key.to_string());
+        // Logged and counted once per value: a bad value read again on every change is the
+        // same bad value.
+        if reported.get(&seen) != Some(&version) {
+            metrics.bad_gossip_value();
             tracing::warn!(node = %id.node_id, key, error = %error, "skipping a malformed gossip value");
+            reported.insert(seen, version);
         }
     };
+    if let Err(problem) = signpost_shared::validate::node_name(&id.node_id) {
+        refuse("node id", &problem);
+        return None;
+    }
     let agent = match AgentValue::decode(state.get(AGENT_KEY)?) {
         Ok(agent) => agent,
         Err(e) => {
@@ -270,30 +273,86 @@ fn member(id: &ChitchatId, state: &'static str, peer: Option<&Peer>) -> Member {
     }
 }
 
+/// Bad values already reported: (node, key) → the version reported.
+type Reported = HashMap<(String, String), u64>;
+
+/// Builds the view from the live nodes' states (a copy the watcher hands out, so no chitchat
+/// lock is held while values are decoded) and the dead nodes. Of two live generations of one
+/// node (a restart, for a round or two), the newer one counts.
+fn build_view(live: &BTreeMap<ChitchatId, NodeState>, dead: &[ChitchatId], metrics: &Metrics, reported: &mut Reported) -> GossipView {
+    let mut newest: BTreeMap<&str, &ChitchatId> = BTreeMap::new();
+    for id in live.keys() {
+        let entry = newest.entry(id.node_id.as_ref()).or_insert(id);
+        if id.generation_id > entry.generation_id {
+            *entry = id;
+        }
+    }
+    let mut view = GossipView::default();
+    for id in newest.values() {
+        let Some(state) = live.get(*id) else { continue };
+        if let Some(peer) = read_peer(id, state, metrics, reported) {
+            view.members.push(member(id, "alive", Some(&peer)));
+            view.live.insert(id.node_id.to_string(), peer);
+        }
+    }
+    for id in dead {
+        if !view.live.contains_key(id.node_id.as_ref()) && view.dead.insert(id.node_id.to_string()) {
+            view.members.push(member(id, "dead", None));
+        }
+    }
+    // Forget reports of values that are gone, so the memory follows the cluster.
+    reported.retain(|(node, key), _| {
+        live.iter().any(|(id, state)| id.node_id.as_ref() == node && (key == "node id" || state.get(key).is_some()))
+    });
+    view
+}
+
 /// Publishes local changes and reads peers' changes into the cache, until cancelled.
 pub async fn run(gossip: Arc<Gossip>, local: Arc<LocalState>, cache: Arc<Cache>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let mut local_changes = local.subscribe();
     let mut peers = gossip.watcher().await;
-    let mut reported = HashSet::new();
-    // Dead nodes do not change a live node's state: look again at every few rounds too.
+    // A check may have reported before this task subscribed.
+    gossip.publish(&local, None).await;
+    let mut reported = Reported::new();
+    // The dead set does not change a live node's state: read it every few rounds.
     let mut ticker = tokio::time::interval(gossip.config().interval * 2);
+    let mut dead: Vec<ChitchatId> = Vec::new();
     let mut last: Option<GossipView> = None;
+    let mut stale = true;
     loop {
-        let view = gossip.view(&metrics, &mut reported).await;
-        metrics.members(view.live.len(), view.dead.len());
-        // Merging costs a pass over the catalog: only when gossip said something new.
-        if last.as_ref() != Some(&view) {
-            cache.set_gossip(view.clone());
-            last = Some(view);
+        if stale {
+            let mut view = {
+                let live = peers.borrow_and_update();
+                build_view(&live, &dead, &metrics, &mut reported)
+            };
+            let own = own_peer(gossip.config(), &local);
+            view.live.insert(gossip.config().node.clone(), own);
+            metrics.members(view.live.len(), view.dead.len());
+            // Merging costs a pass over the catalog: only when gossip said something new.
+            if last.as_ref() != Some(&view) {
+                cache.set_gossip(view.clone());
+                last = Some(view);
+            }
+            stale = false;
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = local_changes.changed() => {
                 if changed.is_err() { return }
                 gossip.publish(&local, None).await;
+                stale = true;
             }
-            changed = peers.changed() => if changed.is_err() { return },
-            _ = ticker.tick() => {}
+            changed = peers.changed() => {
+                if changed.is_err() { return }
+                stale = true;
+            }
+            _ = ticker.tick() => {
+                let now_dead = gossip.dead_nodes().await;
+                if now_dead != dead {
+                    dead = now_dead;
+                    stale = true;
+                }
+            }
         }
     }
 }

@@ -208,14 +208,15 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         None => tracing::info!("leaving: marking local instances critical, deregistering"),
     }
     let leave = async {
-        // There is no leave message in gossip: say critical first, and give it a few rounds.
+        // Stop what could republish the real health, then say critical in gossip (there is no
+        // leave message) and give it a few rounds.
+        work.cancel();
         gossip.publish(&local, Some(Health::Critical)).await;
         tokio::time::sleep(config.gossip_interval * 3).await;
         sync_token.cancel();
         if let Ok(syncer) = syncer_task.await {
-            syncer.leave().await;
+            syncer.leave(config.shutdown_grace / 2).await;
         }
-        work.cancel();
         token.cancel();
         while let Some(done) = tasks.join_next().await {
             if let Err(e) = done {
@@ -226,10 +227,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     if tokio::time::timeout(config.shutdown_grace, leave).await.is_err() {
         tracing::warn!(grace = ?config.shutdown_grace, "shutdown grace ran out; aborting what is left");
         tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
     }
     token.cancel();
-    if let Some(gossip) = Arc::into_inner(gossip) {
-        gossip.shutdown().await;
+    match Arc::into_inner(gossip) {
+        Some(gossip) => gossip.shutdown().await,
+        None => tracing::warn!("gossip is still in use; it stops with the process"),
     }
     tracing::info!("stopped");
     match died {

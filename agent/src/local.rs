@@ -205,6 +205,11 @@ impl LocalState {
             .enumerate()
             .map(|(i, c)| CheckState::new(c.id.clone().unwrap_or_else(|| format!("{}:{}", spec.id, i + 1)), spec.id.clone(), c))
             .collect();
+        for (i, state) in states.iter().enumerate() {
+            if states[..i].iter().any(|other| other.id == state.id) {
+                return Err(LocalError::DuplicateCheck(state.id.clone()));
+            }
+        }
         self.write(|services| {
             for state in &states {
                 let taken = services.values().filter(|s| s.spec.id != spec.id).flat_map(|s| &s.checks).any(|c| c.id == state.id);

@@ -57,7 +57,11 @@ impl Syncer {
         let mut backoff = Duration::from_millis(200);
         let mut failing = false;
         loop {
-            let ok = self.sync_all().await;
+            // A registry that hangs must not hold the agent's leave back.
+            let ok = tokio::select! {
+                _ = shutdown.cancelled() => return self,
+                ok = self.sync_all() => ok,
+            };
             match (ok, failing) {
                 (Ok(()), true) => {
                     tracing::info!(url = %self.client.current_url(), "registry reachable again; local services are registered");
@@ -152,15 +156,18 @@ impl Syncer {
         Ok(())
     }
 
-    /// Deregisters every local service (the agent is leaving).
-    pub async fn leave(&self) {
-        for service in self.local.services() {
-            match self.client.deregister(&service.spec.id, Some(&self.config.node)).await {
-                Ok(()) => tracing::info!(instance = %service.spec.id, "deregistered"),
-                Err(e) if e.is_not_found() => {}
-                Err(e) => tracing::warn!(instance = %service.spec.id, error = %e, "cannot deregister; its lease will expire"),
+    /// Deregisters every local service at once (the agent is leaving), within `deadline`.
+    pub async fn leave(&self, deadline: Duration) {
+        let calls = self.local.services().into_iter().map(|service| async move {
+            let id = service.spec.id;
+            match tokio::time::timeout(deadline, self.client.deregister(&id, Some(&self.config.node))).await {
+                Ok(Ok(())) => tracing::info!(instance = %id, "deregistered"),
+                Ok(Err(e)) if e.is_not_found() => {}
+                Ok(Err(e)) => tracing::warn!(instance = %id, error = %e, "cannot deregister; its lease will expire"),
+                Err(_) => tracing::warn!(instance = %id, "deregistering timed out; its lease will expire"),
             }
-        }
+        });
+        futures_util::future::join_all(calls).await;
     }
 }
 
