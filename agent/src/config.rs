@@ -320,7 +320,11 @@ impl AgentConfig {
 ///
 /// Every setting can also come from the TOML file given with --config or from an environment
 /// variable SIGNPOST_<NAME>; flags win over the environment, which wins over the file.
-/// Durations are written 500ms, 2s, 1m.
+/// Durations are written 500ms, 2s, 1m. Two settings live only in the file: several
+/// services with their checks ([[services]]: name, port, id, address, tags, meta, weight,
+/// zone, checks = [{ id, http | tcp | ttl, interval, timeout, successes_before_passing,
+/// failures_before_critical }]) and per-service protection thresholds
+/// ([protection_thresholds] web = 0.5).
 #[derive(Debug, Parser)]
 #[command(name = "signpost-agent", version, about, long_about)]
 pub struct Cli {
