@@ -153,8 +153,11 @@ impl CatalogCache {
         }
         // Only the age ran out (no change is known): while another request rebuilds, answer
         // from the current snapshot instead of queueing behind the rebuild.
-        // With a max age of zero every read goes to the database, as configured.
-        let current_by_index = if self.max_age.is_zero() {
+        // With a max age of zero every read goes to the database, as configured; after a failed
+        // rebuild (the database is down) reads wait for the next one, so that they answer 503
+        // rather than data older than the max age.
+        let last_failed = self.failed_at.lock().ok().and_then(|f| *f).is_some();
+        let current_by_index = if self.max_age.is_zero() || last_failed {
             None
         } else {
             self.current.read().ok().and_then(|c| c.as_ref().filter(|s| s.index >= wanted).cloned())
