@@ -6,6 +6,7 @@
 pub mod postgres;
 pub mod process;
 pub mod service;
+pub mod watch;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 pub use postgres::{TestDb, ThrowawayPostgres};
 pub use process::{Agent, AgentBuilder, Registry, RegistryBuilder, signal};
-pub use service::TestService;
+pub use service::{ServiceProcess, TestService};
 
 /// The timeout `eventually` uses, scaled by `SIGNPOST_TEST_PATIENCE` (a factor ≥ 1) on a slow machine.
 pub fn patience(base: Duration) -> Duration {
@@ -57,7 +58,7 @@ pub fn binary(name: &str) -> PathBuf {
         let dir = exe.parent().and_then(|deps| deps.parent()).expect("a target folder").to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args(["build", "--bins", "-p", "signpost-registry", "-p", "signpost-agent"]);
+        build.args(["build", "--bins", "-p", "signpost-registry", "-p", "signpost-agent", "-p", "signpost-e2e"]);
         if dir.file_name().is_some_and(|p| p == "release") {
             build.arg("--release");
         }
@@ -66,4 +67,12 @@ pub fn binary(name: &str) -> PathBuf {
         dir
     });
     dir.join(name)
+}
+
+/// What a process holds now: open file descriptors and resident memory in KiB (None once it is gone).
+pub fn resources(pid: u32) -> Option<(usize, u64)> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some((fds, rss))
 }

@@ -49,58 +49,55 @@ impl RegistryBuilder {
     /// Starts the process and waits until it listens.
     pub async fn start(self) -> Registry {
         let dir = tempfile::Builder::new().prefix("signpost-registry-").tempdir().expect("temp dir");
-        let log = dir.path().join("registry.log");
-        let mut command = Command::new(crate::binary("signpost-registry"));
         let listen = format!("127.0.0.1:{}", self.listen.unwrap_or(0));
-        command.args(["--listen", &listen, "--log-format", "json", "--log-level", "info,signpost_registry=debug"]);
+        let mut argv: Vec<String> =
+            ["--listen", &listen, "--log-format", "json", "--log-level", "info,signpost_registry=debug"].map(String::from).into();
         if let Some(url) = &self.database_url {
-            command.args(["--database-url", url]);
+            argv.extend(["--database-url".to_string(), url.clone()]);
         }
         if self.cwd.is_none() {
-            command.args(["--data-dir", &dir.path().join("data").display().to_string()]);
+            argv.extend(["--data-dir".to_string(), dir.path().join("data").display().to_string()]);
         }
-        command.args(&self.args);
-        command.current_dir(self.cwd.clone().unwrap_or_else(|| dir.path().to_path_buf()));
-        command.env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null());
-        command.stderr(std::fs::File::create(&log).expect("log file"));
-        let child = command.spawn().expect("start signpost-registry");
-        let mut registry = Registry { child, addr: SocketAddr::from(([127, 0, 0, 1], 0)), log, _dir: dir };
-        registry.addr = registry.wait_listening().await;
+        argv.extend(self.args);
+        let cwd = self.cwd.unwrap_or_else(|| dir.path().to_path_buf());
+        let mut registry = Registry { child: None, addr: SocketAddr::from(([127, 0, 0, 1], 0)), argv, cwd, runs: 0, dir };
+        registry.spawn().await;
         registry
     }
 }
 
-/// A running registry process.
+/// A running registry process (restartable with the same settings; give it a fixed `port`
+/// to come back at the same address).
 pub struct Registry {
-    child: Child,
+    child: Option<Child>,
     /// Where it listens.
     pub addr: SocketAddr,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
+    argv: Vec<String>,
+    cwd: PathBuf,
+    runs: u32,
+    dir: tempfile::TempDir,
 }
 
 impl Registry {
-    async fn wait_listening(&mut self) -> SocketAddr {
-        let deadline = Instant::now() + crate::patience(Duration::from_secs(60));
-        loop {
-            for line in self.log_text().lines() {
-                let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
-                    continue;
-                };
-                if entry["message"] == "listening"
-                    && let Some(addr) = entry["addr"].as_str().and_then(|a| a.parse().ok())
-                {
-                    return addr;
-                }
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("signpost-registry exited with {status} before listening; log:\n{}", self.log_text());
-            }
-            if Instant::now() > deadline {
-                panic!("signpost-registry did not listen in time; log:\n{}", self.log_text());
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join(format!("registry-{}.log", self.runs))
+    }
+
+    async fn spawn(&mut self) {
+        self.runs += 1;
+        let log = self.log_path();
+        let mut command = Command::new(crate::binary("signpost-registry"));
+        command.args(&self.argv).current_dir(&self.cwd).env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null());
+        command.stderr(std::fs::File::create(&log).expect("log file"));
+        let mut child = command.spawn().expect("start signpost-registry");
+        self.addr = wait_listening(&mut child, &log).await;
+        self.child = Some(child);
+    }
+
+    /// Starts it again (after it was killed or stopped) with the same settings.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
     }
 
     /// `http://addr`.
@@ -120,33 +117,29 @@ impl Registry {
         RegistryClient::new(config).expect("client")
     }
 
-    /// Everything it logged so far.
+    /// Everything it logged in its current run.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     /// Its process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.as_ref().map(Child::id).unwrap_or_default()
+    }
+
+    /// Whether the process still runs (it has not exited or been killed).
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// SIGKILL, then wait for it to die.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        kill_child(self.child.as_mut());
     }
 
     /// SIGTERM, then the exit code within `timeout` (None if still running).
     pub async fn terminate(&mut self, timeout: Duration) -> Option<i32> {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        None
+        terminate_child(self.child.as_mut()?, timeout).await
     }
 
     /// The value of an unlabelled metric, read from `/metrics`.
@@ -157,7 +150,7 @@ impl Registry {
 }
 
 /// Waits until the process logged `listening` (JSON logs) and returns the `addr` it names.
-async fn wait_listening(child: &mut Child, log: &std::path::Path) -> SocketAddr {
+pub(crate) async fn wait_listening(child: &mut Child, log: &std::path::Path) -> SocketAddr {
     let deadline = Instant::now() + crate::patience(Duration::from_secs(60));
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -177,6 +170,27 @@ async fn wait_listening(child: &mut Child, log: &std::path::Path) -> SocketAddr 
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// SIGKILL, then wait for the process to die.
+pub(crate) fn kill_child(child: Option<&mut Child>) {
+    if let Some(child) = child {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// SIGTERM, then the exit code within `timeout` (None if still running).
+async fn terminate_child(child: &mut Child, timeout: Duration) -> Option<i32> {
+    signal(child.id(), "TERM");
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status.code();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
 }
 
 /// Sends a signal by name (`TERM`, `STOP`, `CONT`) to a process.
@@ -269,10 +283,7 @@ impl Agent {
 
     /// Starts it again after it stopped or was killed.
     pub async fn restart(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.kill();
         self.spawn().await;
     }
 
@@ -291,26 +302,19 @@ impl Agent {
         self.child.as_ref().map(Child::id).unwrap_or_default()
     }
 
+    /// Whether the process still runs (it has not exited or been killed).
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// SIGKILL, then wait for it to die.
     pub fn kill(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_child(self.child.as_mut());
     }
 
     /// SIGTERM, then the exit code within `timeout` (None if still running).
     pub async fn terminate(&mut self, timeout: Duration) -> Option<i32> {
-        let child = self.child.as_mut()?;
-        signal(child.id(), "TERM");
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                return status.code();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        None
+        terminate_child(self.child.as_mut()?, timeout).await
     }
 
     /// Everything it logged in its current run.
@@ -333,10 +337,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_child(self.child.as_mut());
         if std::thread::panicking() {
             eprintln!("--- agent {} log ---\n{}", self.node, self.log_text());
         }
@@ -345,8 +346,7 @@ impl Drop for Agent {
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        kill_child(self.child.as_mut());
         if std::thread::panicking() {
             eprintln!("--- registry log ({}) ---\n{}", self.addr, self.log_text());
         }

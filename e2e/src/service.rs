@@ -53,3 +53,56 @@ impl Drop for TestService {
         self.task.abort();
     }
 }
+
+/// An application stand-in as a process of its own (`signpost-test-service`), answering 200
+/// to everything, that a test can kill -9 and start again on the same port.
+pub struct ServiceProcess {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    child: Option<std::process::Child>,
+    dir: tempfile::TempDir,
+    runs: u32,
+}
+
+impl ServiceProcess {
+    /// Starts it on a port of its own.
+    pub async fn start() -> ServiceProcess {
+        let dir = tempfile::Builder::new().prefix("signpost-service-").tempdir().expect("temp dir");
+        let mut service = ServiceProcess { port: crate::free_port(), child: None, dir, runs: 0 };
+        service.spawn().await;
+        service
+    }
+
+    async fn spawn(&mut self) {
+        self.runs += 1;
+        let log = self.dir.path().join(format!("service-{}.log", self.runs));
+        let mut command = std::process::Command::new(crate::binary("signpost-test-service"));
+        command.args(["--listen", &format!("127.0.0.1:{}", self.port)]).stdin(std::process::Stdio::null());
+        command.stdout(std::process::Stdio::null()).stderr(std::fs::File::create(&log).expect("log file"));
+        let mut child = command.spawn().expect("start signpost-test-service");
+        crate::process::wait_listening(&mut child, &log).await;
+        self.child = Some(child);
+    }
+
+    /// Its health URL.
+    pub fn health_url(&self) -> String {
+        format!("http://127.0.0.1:{}/health", self.port)
+    }
+
+    /// SIGKILL, then wait for it to die.
+    pub fn kill(&mut self) {
+        crate::process::kill_child(self.child.as_mut());
+    }
+
+    /// Starts it again on the same port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

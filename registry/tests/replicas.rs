@@ -97,9 +97,22 @@ async fn the_database_stops_and_comes_back() {
     let db = TestDb::create_on(&postgres.url()).await;
     let registry = RegistryBuilder::new(Some(&db.url)).flag("db-acquire-timeout", "1s").flag("read-cache-max-age", "200ms").start().await;
     assert_eq!(register(&registry, &instance("web-1", 300)).await, StatusCode::CREATED);
+    let page: Value = reqwest::get(registry.at("/v1/catalog")).await.expect("GET").json().await.expect("json");
+    let index = page["index"].as_u64().expect("an index");
+    // A client blocked on the catalog when the database goes away is told at once (503)
+    // rather than left waiting for a change this replica can no longer see.
+    let blocked = tokio::spawn(reqwest::get(registry.at(&format!("/v1/catalog?index={index}&wait=5m"))));
 
     let control = postgres.control();
     tokio::task::spawn_blocking(move || control.stop()).await.expect("stop PostgreSQL");
+    let answered = tokio::time::timeout(common::patience(Duration::from_secs(15)), blocked)
+        .await
+        .expect("the blocked query is answered within seconds, not after its 5m wait")
+        .expect("the task")
+        .expect("an answer");
+    assert_eq!(answered.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let again = reqwest::get(registry.at(&format!("/v1/catalog?index={index}&wait=5m"))).await.expect("GET");
+    assert_eq!(again.status(), StatusCode::SERVICE_UNAVAILABLE, "a new blocking query does not wait either");
     eventually("readyz answers 503", Duration::from_secs(15), || async {
         let response = reqwest::get(registry.at("/readyz")).await.ok()?;
         (response.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(())

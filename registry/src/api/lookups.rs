@@ -15,7 +15,7 @@ use super::{AppState, block, json, json_bytes, with_index};
 /// Every service with its counts by health.
 pub async fn services(state: Arc<AppState>, raw_query: String) -> Result<Response, ApiError> {
     let query = ReadQuery::parse(&raw_query, &["index", "wait"])?;
-    block(&state, query.index, query.wait).await;
+    block(&state, query.index, query.wait).await?;
     let snapshot = state.cache.get().await?;
     let page = ServicesPage { index: snapshot.index, self_preservation: snapshot.self_preservation, services: snapshot.summaries() };
     Ok(with_index(json(StatusCode::OK, &page), snapshot.index))
@@ -26,7 +26,7 @@ pub async fn services(state: Arc<AppState>, raw_query: String) -> Result<Respons
 pub async fn service(state: Arc<AppState>, name: String, raw_query: String) -> Result<Response, ApiError> {
     validate::dns_label(&name).map_err(|p| ApiError::bad_request("invalid_name", format!("service name: {p}")))?;
     let query = ReadQuery::parse(&raw_query, &["health", "tag", "zone", "index", "wait"])?;
-    block(&state, query.index, query.wait).await;
+    block(&state, query.index, query.wait).await?;
     let snapshot = state.cache.get().await?;
     let instances = snapshot
         .service(&name)
@@ -41,7 +41,7 @@ pub async fn service(state: Arc<AppState>, name: String, raw_query: String) -> R
 /// The whole catalog (instances and agents) with its index.
 pub async fn catalog(state: Arc<AppState>, raw_query: String) -> Result<Response, ApiError> {
     let query = ReadQuery::parse(&raw_query, &["index", "wait"])?;
-    block(&state, query.index, query.wait).await;
+    block(&state, query.index, query.wait).await?;
     let snapshot = state.cache.get().await?;
     Ok(json_bytes(snapshot.catalog_json(), snapshot.index))
 }

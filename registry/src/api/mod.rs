@@ -23,6 +23,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use self::auth::Auth;
+use self::error::ApiError;
 use crate::metrics::Metrics;
 use crate::snapshot::CatalogCache;
 use crate::store::Store;
@@ -201,9 +202,16 @@ fn route_of(path: &str) -> &'static str {
 
 /// Waits, for a blocking query, until the catalog index moves past `index`, `wait` ends or
 /// the registry shuts down. An index the registry has not reached (the database was reset,
-/// or another replica is ahead) does not block.
-pub async fn block(state: &AppState, index: Option<u64>, wait: Option<Duration>) {
-    let Some(index) = index else { return };
+/// or another replica is ahead) does not block. While the database cannot be reached the
+/// registry cannot see changes, so a blocking query fails at once (503) instead of waiting
+/// in vain: its client learns that its copy is no longer confirmed.
+pub async fn block(state: &AppState, index: Option<u64>, wait: Option<Duration>) -> Result<(), ApiError> {
+    let Some(index) = index else { return Ok(()) };
+    let unreachable = || ApiError::Unavailable("database unavailable: this registry cannot see catalog changes".into());
+    let mut reachable = state.store.reachability();
+    if !*reachable.borrow_and_update() {
+        return Err(unreachable());
+    }
     let mut changes = state.store.subscribe();
     if *changes.borrow_and_update() < index {
         // The client saw a newer index through another replica, or this database was reset:
@@ -211,12 +219,13 @@ pub async fn block(state: &AppState, index: Option<u64>, wait: Option<Duration>)
         let _ = state.store.refresh_index().await;
     }
     if *changes.borrow_and_update() != index {
-        return;
+        return Ok(());
     }
     let wait = wait.unwrap_or(DEFAULT_WAIT).min(state.max_wait);
     tracing::debug!(index, wait_ms = wait.as_millis() as u64, "blocking query waiting for a change");
     tokio::select! {
-        _ = tokio::time::timeout(wait, changes.wait_for(|current| *current != index)) => {}
-        _ = state.shutdown.cancelled() => {}
+        _ = tokio::time::timeout(wait, changes.wait_for(|current| *current != index)) => Ok(()),
+        _ = reachable.wait_for(|up| !*up) => Err(unreachable()),
+        _ = state.shutdown.cancelled() => Ok(()),
     }
 }

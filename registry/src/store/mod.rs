@@ -203,6 +203,8 @@ pub struct ProbeTarget {
 pub struct Store {
     backend: Backend,
     changes: watch::Sender<u64>,
+    /// Whether the last read of the change index reached the database.
+    reachable: watch::Sender<bool>,
 }
 
 // === impl Store ===
@@ -234,7 +236,8 @@ impl Store {
             return Err(StoreError::Config(format!("unsupported database URL scheme in `{}`", url.split(':').next().unwrap_or(""))));
         };
         let (changes, _) = watch::channel(0);
-        Ok(Store { backend, changes })
+        let (reachable, _) = watch::channel(true);
+        Ok(Store { backend, changes, reachable })
     }
 
     /// True on PostgreSQL (several replicas possible), false on SQLite.
@@ -295,11 +298,25 @@ impl Store {
         });
     }
 
-    /// Reads the index from the database and records it if it is newer.
+    /// Reads the index from the database and records it if it is newer, and whether the
+    /// database could be reached.
     pub async fn refresh_index(&self) -> Result<u64, StoreError> {
-        let (index, _) = self.read_state().await?;
+        let read = self.read_state().await;
+        let reachable = match &read {
+            Ok(_) => true,
+            Err(e) => !e.is_unavailable(),
+        };
+        self.reachable.send_if_modified(|current| std::mem::replace(current, reachable) != reachable);
+        let (index, _) = read?;
         self.observe_index(index);
         Ok(index)
+    }
+
+    /// A receiver of whether the database answered the last read of the change index (the
+    /// poller reads it every `index_poll_interval`): while it does not, this replica cannot see
+    /// changes, so blocking queries must not wait for one.
+    pub fn reachability(&self) -> watch::Receiver<bool> {
+        self.reachable.subscribe()
     }
 
     /// Takes `index` as the truth even when it is lower than what was seen (the database
