@@ -233,7 +233,8 @@ pub async fn drive<S: Session>(
     Ok(Measured { tally, elapsed, cpu_cores, rss_kib })
 }
 
-async fn send(request: reqwest::RequestBuilder) -> Outcome {
+/// Sends one request through the shared client and reads its whole answer.
+pub async fn send(request: reqwest::RequestBuilder) -> Outcome {
     let response = match request.send().await {
         Ok(response) => response,
         Err(e) => return Outcome::Failed(error_chain(&e)),

@@ -13,6 +13,8 @@
 //! - [`result`]: a run's one-line summary and JSON line
 //! - [`report`]: the Markdown tables comparing two targets
 //! - [`lookups_report`]: the tables of the agent's lookup benchmark (`lookup-report`)
+//! - [`spread`]: heartbeats spread over several registry replicas (`heartbeat --also-url`)
+//! - [`scale_report`]: the tables of the registry's scale benchmark (`scale-report`)
 
 mod bare;
 mod cpu;
@@ -22,6 +24,8 @@ mod lookups_report;
 mod raw;
 mod report;
 mod result;
+mod scale_report;
+mod spread;
 mod wrk;
 
 use std::path::PathBuf;
@@ -40,6 +44,7 @@ use crate::lookups_report::LookupReportArgs;
 use crate::raw::Raw;
 use crate::report::ReportArgs;
 use crate::result::{Kind, RunResult};
+use crate::scale_report::ScaleReportArgs;
 use crate::wrk::Wrk;
 
 /// Load generator for the Signpost registry and agent (and the baselines of their benchmarks).
@@ -71,6 +76,8 @@ enum Command {
     Bare(BareArgs),
     /// Print the tables of the agent's lookup benchmark (bare, agent, registry) from a --json-out file.
     LookupReport(LookupReportArgs),
+    /// Print the tables of the registry's scale benchmark (scripts/bench-registry-scale) from its scale.jsonl.
+    ScaleReport(ScaleReportArgs),
 }
 
 /// What sends the requests of a timed run.
@@ -162,6 +169,10 @@ struct TimedArgs {
     /// Threads of wrk (-t).
     #[arg(long, default_value_t = 2)]
     wrk_threads: usize,
+    /// Another replica of the same registry (repeatable; `heartbeat` only): the workers are
+    /// spread round-robin over --url and these, each worker keeping to one.
+    #[arg(long = "also-url", value_name = "URL")]
+    also_url: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -213,6 +224,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             print!("{}", lookups_report::render_file(&args)?);
             Ok(())
         }
+        Command::ScaleReport(args) => {
+            print!("{}", scale_report::render_file(&args)?);
+            Ok(())
+        }
     }
 }
 
@@ -257,7 +272,26 @@ async fn timed(kind: Kind, args: TimedArgs) -> anyhow::Result<()> {
     if args.driver != Driver::Reqwest && kind != Kind::Lookup {
         bail!("--driver {} sends lookups only; {} runs use --driver reqwest", format!("{:?}", args.driver).to_lowercase(), kind.as_str());
     }
+    if !args.also_url.is_empty() && kind != Kind::Heartbeat {
+        bail!("--also-url spreads heartbeats only, not {} runs", kind.as_str());
+    }
     let measured = match kind {
+        Kind::Heartbeat if !args.also_url.is_empty() => {
+            let mut urls = vec![url.clone()];
+            urls.extend(args.also_url.iter().map(|u| base_url(u)));
+            for replica in &urls {
+                check_seeded_instance(&client, replica, &fleet).await?;
+            }
+            let mut result = RunResult::new(
+                kind,
+                &t.target,
+                &url,
+                t.concurrency,
+                drive(t.concurrency, stop, None, cpu, spread::sessions(client, &urls, fleet)?).await?,
+            );
+            result.url = urls.join(" ");
+            return emit(result, t, t.max_error_rate);
+        }
         Kind::Heartbeat => {
             check_seeded_instance(&client, &url, &fleet).await?;
             let request = move |client: &reqwest::Client, n: u64| {
