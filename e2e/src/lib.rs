@@ -3,6 +3,7 @@
 //! ports of their own with their logs in files, and `eventually`, which waits for a condition
 //! with a deadline instead of sleeping.
 
+pub mod netns;
 pub mod postgres;
 pub mod process;
 pub mod service;
@@ -15,7 +16,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub use postgres::{TestDb, ThrowawayPostgres};
-pub use process::{Agent, AgentBuilder, Registry, RegistryBuilder, signal};
+pub use process::{Agent, AgentBuilder, NetnsHost, Registry, RegistryBuilder, signal};
 pub use service::{ServiceProcess, TestService};
 
 /// The timeout `eventually` uses, scaled by `SIGNPOST_TEST_PATIENCE` (a factor ≥ 1) on a slow machine.

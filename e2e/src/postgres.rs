@@ -173,7 +173,7 @@ fn postgres_bin_dir() -> PathBuf {
     versions.pop().map(|(_, bin)| bin).expect("an installed PostgreSQL server with initdb")
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
 

@@ -15,6 +15,7 @@ pub struct RegistryBuilder {
     database_url: Option<String>,
     cwd: Option<PathBuf>,
     listen: Option<u16>,
+    ip: Option<std::net::IpAddr>,
 }
 
 impl RegistryBuilder {
@@ -40,6 +41,12 @@ impl RegistryBuilder {
         self
     }
 
+    /// Listens on this IP address instead of 127.0.0.1.
+    pub fn ip(mut self, ip: std::net::IpAddr) -> Self {
+        self.ip = Some(ip);
+        self
+    }
+
     /// Runs the process in `dir` (the default data folder is relative to it).
     pub fn cwd(mut self, dir: PathBuf) -> Self {
         self.cwd = Some(dir);
@@ -49,7 +56,8 @@ impl RegistryBuilder {
     /// Starts the process and waits until it listens.
     pub async fn start(self) -> Registry {
         let dir = tempfile::Builder::new().prefix("signpost-registry-").tempdir().expect("temp dir");
-        let listen = format!("127.0.0.1:{}", self.listen.unwrap_or(0));
+        let ip = self.ip.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+        let listen = SocketAddr::new(ip, self.listen.unwrap_or(0)).to_string();
         let mut argv: Vec<String> =
             ["--listen", &listen, "--log-format", "json", "--log-level", "info,signpost_registry=debug"].map(String::from).into();
         if let Some(url) = &self.database_url {
@@ -203,6 +211,18 @@ pub fn signal(pid: u32, name: &str) {
 pub struct AgentBuilder {
     node: String,
     args: Vec<String>,
+    host: Option<NetnsHost>,
+}
+
+/// Where an agent runs when it runs in a network namespace of its own.
+#[derive(Debug, Clone)]
+pub struct NetnsHost {
+    /// The namespace.
+    pub netns: String,
+    /// The address its HTTP API listens on (reachable from the test).
+    pub api_ip: std::net::IpAddr,
+    /// The address it gossips and advertises its services on.
+    pub data_ip: std::net::IpAddr,
 }
 
 impl AgentBuilder {
@@ -213,7 +233,7 @@ impl AgentBuilder {
             args.push("--registry".to_string());
             args.push(url.clone());
         }
-        AgentBuilder { node: node.to_string(), args }
+        AgentBuilder { node: node.to_string(), args, host: None }
     }
 
     /// Adds `--name value`.
@@ -223,19 +243,31 @@ impl AgentBuilder {
         self
     }
 
+    /// Runs it in network namespace `host.netns` (as `ip netns exec`), on its addresses.
+    pub fn netns(mut self, host: NetnsHost) -> Self {
+        self.host = Some(host);
+        self
+    }
+
     /// Starts the process and waits until it listens.
     pub async fn start(self) -> Agent {
         let dir = tempfile::Builder::new().prefix("signpost-agent-").tempdir().expect("temp dir");
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP port");
-        let gossip_port = udp.local_addr().expect("addr").port();
-        drop(udp);
+        let (api_ip, gossip) = match &self.host {
+            // A namespace of its own has every port free.
+            Some(host) => (host.api_ip, SocketAddr::new(host.data_ip, 7302)),
+            None => {
+                let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP port");
+                (std::net::IpAddr::from([127, 0, 0, 1]), udp.local_addr().expect("addr"))
+            }
+        };
+        let gossip_port = gossip.port();
         let mut args = vec![
             "--node".to_string(),
             self.node.clone(),
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            SocketAddr::new(api_ip, 0).to_string(),
             "--gossip-listen".into(),
-            format!("127.0.0.1:{gossip_port}"),
+            gossip.to_string(),
             "--data-dir".into(),
             dir.path().join("data").display().to_string(),
             "--log-format".into(),
@@ -243,9 +275,13 @@ impl AgentBuilder {
             "--log-level".into(),
             "info,signpost_agent=debug,chitchat=warn".into(),
         ];
+        if let Some(host) = &self.host {
+            args.extend(["--address".to_string(), host.data_ip.to_string()]);
+        }
         args.extend(self.args);
-        let mut agent =
-            Agent { node: self.node, args, dir, child: None, addr: SocketAddr::from(([127, 0, 0, 1], 0)), gossip_port, runs: 0 };
+        let netns = self.host.map(|h| h.netns);
+        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut agent = Agent { node: self.node, args, netns, dir, child: None, addr, gossip_port, runs: 0 };
         agent.spawn().await;
         agent
     }
@@ -262,6 +298,7 @@ pub struct Agent {
     pub addr: SocketAddr,
     /// Its gossip UDP port.
     pub gossip_port: u16,
+    netns: Option<String>,
     runs: u32,
 }
 
@@ -273,7 +310,14 @@ impl Agent {
     async fn spawn(&mut self) {
         self.runs += 1;
         let log = self.log_path();
-        let mut command = Command::new(crate::binary("signpost-agent"));
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns]).arg(crate::binary("signpost-agent"));
+                command
+            }
+            None => Command::new(crate::binary("signpost-agent")),
+        };
         command.args(&self.args).current_dir(self.dir.path()).env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null());
         command.stderr(std::fs::File::create(&log).expect("log file"));
         let mut child = command.spawn().expect("start signpost-agent");
