@@ -455,6 +455,42 @@ async fn sigterm_drains_blocking_queries_and_exits_cleanly() {
 }
 
 #[tokio::test]
+async fn settings_come_from_the_environment_and_flags_win_over_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = |envs: &[(&str, String)], args: &[&str]| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_signpost-registry"));
+        command.args(args).current_dir(dir.path()).env_remove("RUST_LOG");
+        command.envs(envs.iter().map(|(k, v)| (*k, v.as_str())));
+        command
+    };
+    // A bad value in the environment is refused, naming the setting.
+    let output = run(&[("SIGNPOST_SWEEP_INTERVAL", "soon".into())], &[]).output().expect("run");
+    assert_eq!(output.status.code(), Some(64), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stderr).to_lowercase().contains("sweep_interval"));
+    // A good one takes effect: the registry listens where SIGNPOST_LISTEN says, logging as
+    // SIGNPOST_LOG_FORMAT says.
+    let port = common::free_port();
+    let envs = [("SIGNPOST_LISTEN", format!("127.0.0.1:{port}")), ("SIGNPOST_LOG_FORMAT", "json".into())];
+    let mut child = run(&envs, &[]).stdin(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().expect("start");
+    let ready = common::eventually("the registry answers on SIGNPOST_LISTEN", Duration::from_secs(30), || async {
+        reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await.ok().filter(|r| r.status().is_success())
+    })
+    .await;
+    assert!(ready.status().is_success());
+    common::signal(child.id(), "TERM");
+    let output = child.wait_with_output().expect("wait");
+    let first = String::from_utf8_lossy(&output.stderr).lines().next().unwrap_or_default().to_string();
+    assert!(serde_json::from_str::<Value>(&first).is_ok(), "JSON logs from SIGNPOST_LOG_FORMAT: {first}");
+    // A flag wins over the environment: with the bad interval replaced, what is left to refuse
+    // is the (too short) token.
+    let output =
+        run(&[("SIGNPOST_SWEEP_INTERVAL", "soon".into())], &["--sweep-interval", "1s", "--admin-token", "short"]).output().expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr).to_lowercase();
+    assert_eq!(output.status.code(), Some(64));
+    assert!(stderr.contains("admin_token") && !stderr.contains("sweep_interval"), "the flag replaced the environment's value: {stderr}");
+}
+
+#[tokio::test]
 async fn invalid_configuration_exits_64_with_a_message() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("registry.toml");

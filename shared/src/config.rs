@@ -45,7 +45,11 @@ pub fn figment<D: Serialize, F: Serialize>(defaults: &D, file: Option<&Path>, fl
         std::fs::metadata(path).map_err(|source| ConfigError::File { path: path.display().to_string(), source })?;
         figment = figment.merge(Toml::file(path));
     }
-    let env = Env::prefixed(ENV_PREFIX).split("__").filter(move |key| known.contains(key.as_str().split('.').next().unwrap_or_default()));
+    // The filter sees the name as written (`LISTEN`, `A__B`); figment lower-cases it later.
+    let env = Env::prefixed(ENV_PREFIX).split("__").filter(move |key| {
+        let top = key.as_str().split("__").next().unwrap_or_default().split('.').next().unwrap_or_default();
+        known.contains(&top.to_ascii_lowercase())
+    });
     Ok(figment.merge(env).merge(Serialized::defaults(flags)))
 }
 
