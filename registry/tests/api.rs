@@ -471,7 +471,7 @@ async fn settings_come_from_the_environment_and_flags_win_over_it() {
     // SIGNPOST_LOG_FORMAT says.
     let port = common::free_port();
     let envs = [("SIGNPOST_LISTEN", format!("127.0.0.1:{port}")), ("SIGNPOST_LOG_FORMAT", "json".into())];
-    let mut child = run(&envs, &[]).stdin(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().expect("start");
+    let child = run(&envs, &[]).stdin(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().expect("start");
     let ready = common::eventually("the registry answers on SIGNPOST_LISTEN", Duration::from_secs(30), || async {
         reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await.ok().filter(|r| r.status().is_success())
     })
