@@ -13,12 +13,18 @@
 //! - [`result`]: a run's one-line summary and JSON line
 //! - [`report`]: the Markdown tables comparing two targets
 //! - [`lookups_report`]: the tables of the agent's lookup benchmark (`lookup-report`)
+//! - [`gossip_cluster`], [`gossip_watch`], [`gossip_os`], [`gossip_report`]: the gossip and
+//!   agent scale benchmark (`gossip-cluster`, `gossip-sample`, `gossip-report`)
 //! - [`spread`]: heartbeats spread over several registry replicas (`heartbeat --also-url`)
 //! - [`scale_report`]: the tables of the registry's scale benchmark (`scale-report`)
 
 mod bare;
 mod cpu;
 mod fleet;
+mod gossip_cluster;
+mod gossip_os;
+mod gossip_report;
+mod gossip_watch;
 mod load;
 mod lookups_report;
 mod raw;
@@ -78,6 +84,12 @@ enum Command {
     LookupReport(LookupReportArgs),
     /// Print the tables of the registry's scale benchmark (scripts/bench-registry-scale) from its scale.jsonl.
     ScaleReport(ScaleReportArgs),
+    /// Start a cluster of gossiping agents on loopback and measure propagation, dead agents, traffic, CPU.
+    GossipCluster(gossip_cluster::ClusterArgs),
+    /// Memory and idle CPU of running processes (LABEL=PID), one JSON line each.
+    GossipSample(gossip_report::SampleArgs),
+    /// Print the tables of the gossip benchmark from the JSON lines of gossip-cluster and gossip-sample.
+    GossipReport(gossip_report::ReportArgs),
 }
 
 /// What sends the requests of a timed run.
@@ -222,6 +234,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Bare(args) => bare::run(args).await,
         Command::LookupReport(args) => {
             print!("{}", lookups_report::render_file(&args)?);
+            Ok(())
+        }
+        Command::GossipCluster(args) => gossip_cluster::run(args).await,
+        Command::GossipSample(args) => gossip_report::sample(args).await,
+        Command::GossipReport(args) => {
+            print!("{}", gossip_report::render_file(&args)?);
             Ok(())
         }
         Command::ScaleReport(args) => {
