@@ -63,6 +63,10 @@ struct PgFacts {
     /// `pg_stat_wal`: bytes and `fsync`s of the WAL (server-wide).
     wal_bytes: f64,
     wal_syncs: f64,
+    /// Time spent in those `fsync`s, in ms: only the syncs of backends with
+    /// `track_wal_io_timing` on are timed, so the mean per sync is a lower bound.
+    #[serde(default)]
+    wal_sync_ms: f64,
     /// How many samples of `pg_stat_activity` were taken.
     samples: u64,
     /// Active backends seen per wait event over all samples (`CPU` when not waiting).
@@ -170,21 +174,22 @@ fn render(runs: &[ScaleRun]) -> String {
     let _ = writeln!(out, "\nEvery run, in the order run. CPU in cores (the machine has {} cores):\n", cores_hint());
     let _ = writeln!(
         out,
-        "| instances | repeat | replicas | heartbeats/s | p50 | p99 | errors | generator | registry | postgres | pg background | other | registry CPU/hb | postgres CPU/hb | commits/s | WAL fsyncs/s | WAL bytes/hb | table + indexes after | load before → after |"
+        "| instances | repeat | replicas | heartbeats/s | p50 | p99 | errors | generator | registry | postgres | pg background | other | registry CPU/hb | postgres CPU/hb | commits/s | WAL fsyncs/s | mean WAL fsync | WAL bytes/hb | table + indexes after | load before → after |"
     );
-    let _ = writeln!(out, "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--|");
+    let _ = writeln!(out, "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--|");
     let mut ordered: Vec<&ScaleRun> = runs.iter().collect();
     ordered.sort_by_key(|r| r.run.unix_time);
     for r in &ordered {
         let split = Split::of(&r.run);
         let rate = r.run.per_second;
-        let (commits, syncs, wal_per_hb) = match &r.pg {
+        let (commits, syncs, sync_time, wal_per_hb) = match &r.pg {
             Some(pg) if pg.seconds > 0.0 => (
                 thousands(pg.commits / pg.seconds),
                 thousands(pg.wal_syncs / pg.seconds),
+                if pg.wal_sync_ms > 0.0 && pg.wal_syncs > 0.0 { format!("{:.2} ms", pg.wal_sync_ms / pg.wal_syncs) } else { String::new() },
                 if rate > 0.0 { thousands(pg.wal_bytes / pg.seconds / rate) } else { String::new() },
             ),
-            _ => (String::new(), String::new(), String::new()),
+            _ => (String::new(), String::new(), String::new(), String::new()),
         };
         let table = r
             .table
@@ -192,7 +197,7 @@ fn render(runs: &[ScaleRun]) -> String {
             .map_or_else(String::new, |t| format!("{:.1} MiB, {} dead", t.total_bytes as f64 / 1_048_576.0, thousands(t.dead as f64)));
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.2} ms | {:.2} ms | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {commits} | {syncs} | {wal_per_hb} | {table} | {} → {} |",
+            "| {} | {} | {} | {} | {:.2} ms | {:.2} ms | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {commits} | {syncs} | {sync_time} | {wal_per_hb} | {table} | {} → {} |",
             thousands(r.instances as f64),
             r.repeat,
             r.replicas,
@@ -254,7 +259,7 @@ mod tests {
             "failures":{{}},"first_error":null,"per_second":{rate},"latency_ms":{{"p50":8.0,"p90":9.0,"p99":14.0,"max":20.0,"mean":8.5}},
             "bytes_per_response":388.0,"cpu_cores":{{"generator":0.2,"machine":1.9,"replica-a":0.5,"postgres":1.0,"pg-walwriter":0.05}},
             "unix_time":{time},"instances":{instances},"replicas":{replicas},"repeat":{repeat},"load_before":"1.0 1.0 1.0","load_after":"2.0 1.5 1.0",
-            "pg":{{"seconds":10.0,"commits":70000,"wal_records":70000,"wal_bytes":7000000,"wal_syncs":20000,"samples":100,
+            "pg":{{"seconds":10.0,"commits":70000,"wal_records":70000,"wal_bytes":7000000,"wal_syncs":20000,"wal_sync_ms":5000.0,"samples":100,
             "waits":{{"CPU":600,"IO:WALSync":200}}}},"table":{{"total_bytes":3145728,"dead":12}}}}"#,
             ok = rate * 10.0
         )
@@ -276,7 +281,10 @@ mod tests {
         let table = render(&runs);
         assert!(table.contains("| 10,000 | 1 | 7,000 | 8.00 ms | 14.00 ms |  |  |"), "{table}");
         assert!(table.contains("| 10,000 | 2 | 7,700 | 8.00 ms | 14.00 ms | 1.10× | 1.10×, 1.00×, 1.10× |"), "{table}");
-        assert!(table.contains("| 71 µs | 143 µs | 7,000 | 2,000 | 100 | 3.0 MiB, 12 dead | 1.0 1.0 1.0 → 2.0 1.5 1.0 |"), "{table}");
+        assert!(
+            table.contains("| 71 µs | 143 µs | 7,000 | 2,000 | 0.25 ms | 100 | 3.0 MiB, 12 dead | 1.0 1.0 1.0 → 2.0 1.5 1.0 |"),
+            "{table}"
+        );
         assert!(table.contains("| 10,000 | 2 | 8.0 | CPU 75 %, IO:WALSync 25 % |"), "{table}");
     }
 
