@@ -23,6 +23,7 @@ pub mod sweeper;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -103,15 +104,6 @@ pub async fn run(config: RegistryConfig, shutdown: impl Future<Output = ()>) -> 
     let store = open_store(&config)?;
     let token = CancellationToken::new();
     let mut shutdown = std::pin::pin!(shutdown);
-    let migrated = tokio::select! {
-        migrated = migrate(&store, &token) => migrated?,
-        _ = &mut shutdown => false,
-    };
-    if !migrated {
-        store.close().await;
-        return Ok(());
-    }
-
     let metrics = Arc::new(Metrics::new());
     let state = Arc::new(AppState {
         store: store.clone(),
@@ -121,7 +113,27 @@ pub async fn run(config: RegistryConfig, shutdown: impl Future<Output = ()>) -> 
         max_body_bytes: config.max_body_bytes,
         max_wait: config.max_wait,
         shutdown: token.clone(),
+        started: AtomicBool::new(false),
     });
+
+    // Serve at once: while the database is not there yet, /healthz answers (the process is
+    // alive) and everything else answers 503, rather than leaving connections hanging.
+    let mut tasks: JoinSet<&'static str> = JoinSet::new();
+    let server = warp::serve(api::routes(state.clone())).incoming(listener).graceful(token.clone().cancelled_owned());
+    tasks.spawn(async move { server.run().await }.instrument(tracing::info_span!("http")).map_name("http"));
+    tracing::debug!(addr = %addr, "accepting connections; waiting for the database and its migrations");
+    let migrated = tokio::select! {
+        migrated = migrate(&store, &token) => migrated?,
+        _ = &mut shutdown => false,
+    };
+    if !migrated {
+        token.cancel();
+        let _ = tokio::time::timeout(config.shutdown_grace, async { while tasks.join_next().await.is_some() {} }).await;
+        store.close().await;
+        return Ok(());
+    }
+    state.started.store(true, Ordering::Release);
+
     let (role_tx, role_rx) = watch::channel(false);
     let policy = SweepPolicy {
         deregister_after: config.deregister_after,
@@ -131,9 +143,6 @@ pub async fn run(config: RegistryConfig, shutdown: impl Future<Output = ()>) -> 
     let prober_config =
         ProberConfig { concurrency: config.probe_concurrency, failures_before_critical: config.probe_failures_before_critical.max(1) };
 
-    let mut tasks: JoinSet<&'static str> = JoinSet::new();
-    let server = warp::serve(api::routes(state)).incoming(listener).graceful(token.clone().cancelled_owned());
-    tasks.spawn(async move { server.run().await }.instrument(tracing::info_span!("http")).map_name("http"));
     tasks.spawn(
         leader::run(store.clone(), config.leader_check_interval, role_tx, metrics.clone(), token.clone())
             .instrument(tracing::info_span!("leader"))

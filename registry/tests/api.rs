@@ -473,7 +473,7 @@ async fn settings_come_from_the_environment_and_flags_win_over_it() {
     let envs = [("SIGNPOST_LISTEN", format!("127.0.0.1:{port}")), ("SIGNPOST_LOG_FORMAT", "json".into())];
     let child = run(&envs, &[]).stdin(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().expect("start");
     let ready = common::eventually("the registry answers on SIGNPOST_LISTEN", Duration::from_secs(30), || async {
-        reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await.ok().filter(|r| r.status().is_success())
+        reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await.ok().filter(|r| r.status().is_success())
     })
     .await;
     assert!(ready.status().is_success());

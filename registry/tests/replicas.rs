@@ -179,3 +179,39 @@ async fn the_client_fails_over_to_the_next_registry() {
     let missing = client.heartbeat("nope", &Default::default()).await.expect_err("unknown instance");
     assert!(missing.is_not_found(), "a 404 is not retried and tells the caller to register again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_started_before_its_database_is_alive_at_once_and_serves_when_it_comes() {
+    let postgres = tokio::task::spawn_blocking(ThrowawayPostgres::start).await.expect("start PostgreSQL");
+    let control = postgres.control();
+    tokio::task::spawn_blocking(move || control.stop()).await.expect("stop PostgreSQL");
+    common::binary("signpost-registry"); // built before the clock starts
+    let port = common::free_port();
+    let url = postgres.url();
+    // `start` returns once the registry logs `listening`, after its migrations.
+    let starting = tokio::spawn(async move { RegistryBuilder::new(Some(&url)).port(port).start().await });
+    let at = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    eventually("/healthz answers while the database is down", Duration::from_secs(30), || async {
+        reqwest::get(at("/healthz")).await.ok().filter(|r| r.status() == StatusCode::OK).map(|_| ())
+    })
+    .await;
+    for path in ["/readyz", "/v1/services", "/v1/catalog", "/metrics"] {
+        let response = reqwest::get(at(path)).await.expect("GET");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "{path} before the database is there");
+    }
+    let refused = reqwest::Client::new().post(at("/v1/instances")).json(&instance("web-1", 300)).send().await.expect("POST");
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = refused.json().await.expect("json");
+    assert_eq!(body["error"], "unavailable");
+
+    let control = postgres.control();
+    tokio::task::spawn_blocking(move || control.start()).await.expect("start PostgreSQL");
+    let registry = tokio::time::timeout(common::patience(Duration::from_secs(60)), starting)
+        .await
+        .expect("the registry migrates and serves once the database is there")
+        .expect("the start task");
+    assert_eq!(reqwest::get(registry.at("/readyz")).await.expect("GET").status(), StatusCode::OK);
+    assert_eq!(register(&registry, &instance("web-1", 300)).await, StatusCode::CREATED);
+    drop(registry);
+    drop(postgres);
+}

@@ -47,6 +47,8 @@ pub struct AppState {
     pub max_wait: Duration,
     /// Cancelled on shutdown: blocking queries answer at once.
     pub shutdown: CancellationToken,
+    /// Set once the database answered and is migrated; until then only /healthz serves.
+    pub started: std::sync::atomic::AtomicBool,
 }
 
 /// The default wait of a blocking query (Consul's).
@@ -128,11 +130,24 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
         .then(|node, st, auth, body| async move { respond(agents::announce(st, auth, node, body).await) });
     let list_agents = warp::path!("v1" / "agents").and(warp::get()).and(s()).then(|st| async move { respond(agents::list(st).await) });
     let healthz = warp::path!("healthz").and(warp::get()).map(ops::healthz);
+    // Before the start-up migration, everything but /healthz answers 503; afterwards this
+    // rejects, and the request goes on to its route.
+    let starting = s().and_then(|st: State| async move {
+        if st.started.load(std::sync::atomic::Ordering::Acquire) {
+            Err(warp::reject::not_found())
+        } else {
+            Ok(respond(Err(ApiError::Unavailable("starting: waiting for the database and its migrations".into()))))
+        }
+    });
     let readyz = warp::path!("readyz").and(warp::get()).and(s()).then(ops::readyz);
     let metrics = warp::path!("metrics").and(warp::get()).and(s()).then(ops::metrics);
 
     let metrics_sink = state.metrics.clone();
-    register
+    healthz
+        .or(starting)
+        .unify()
+        .or(register)
+        .unify()
         .or(get_instance)
         .unify()
         .or(deregister)
@@ -150,8 +165,6 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
         .or(announce)
         .unify()
         .or(list_agents)
-        .unify()
-        .or(healthz)
         .unify()
         .or(readyz)
         .unify()
