@@ -97,9 +97,9 @@ impl Registry {
         let mut command = Command::new(crate::binary("signpost-registry"));
         command.args(&self.argv).current_dir(&self.cwd).env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null());
         command.stderr(std::fs::File::create(&log).expect("log file"));
-        let mut child = command.spawn().expect("start signpost-registry");
-        self.addr = wait_listening(&mut child, &log).await;
-        self.child = Some(child);
+        // Held before waiting, so that a process that never listens is still killed on drop.
+        let child = self.child.insert(command.spawn().expect("start signpost-registry"));
+        self.addr = wait_listening(child, &log).await;
     }
 
     /// Starts it again (after it was killed or stopped) with the same settings.
@@ -320,9 +320,9 @@ impl Agent {
         };
         command.args(&self.args).current_dir(self.dir.path()).env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null());
         command.stderr(std::fs::File::create(&log).expect("log file"));
-        let mut child = command.spawn().expect("start signpost-agent");
-        self.addr = wait_listening(&mut child, &log).await;
-        self.child = Some(child);
+        // Held before waiting, so that a process that never listens is still killed on drop.
+        let child = self.child.insert(command.spawn().expect("start signpost-agent"));
+        self.addr = wait_listening(child, &log).await;
     }
 
     /// Starts it again after it stopped or was killed.

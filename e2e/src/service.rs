@@ -79,9 +79,8 @@ impl ServiceProcess {
         let mut command = std::process::Command::new(crate::binary("signpost-test-service"));
         command.args(["--listen", &format!("127.0.0.1:{}", self.port)]).stdin(std::process::Stdio::null());
         command.stdout(std::process::Stdio::null()).stderr(std::fs::File::create(&log).expect("log file"));
-        let mut child = command.spawn().expect("start signpost-test-service");
-        crate::process::wait_listening(&mut child, &log).await;
-        self.child = Some(child);
+        let child = self.child.insert(command.spawn().expect("start signpost-test-service"));
+        crate::process::wait_listening(child, &log).await;
     }
 
     /// Its health URL.
