@@ -371,12 +371,16 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     let line = serde_json::to_string(&result)?;
     println!("{}", summary(&result));
     if let Some(path) = &args.json_out {
-        use std::io::Write as _;
-        let mut file =
-            std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        writeln!(file, "{line}").with_context(|| format!("cannot write {}", path.display()))?;
+        append_line(path, &line)?;
     }
     Ok(())
+}
+
+fn append_line(path: &std::path::Path, line: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut file =
+        std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    writeln!(file, "{line}").with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn service(name: &str, port: u16, id: Option<String>) -> ServiceConfig {
@@ -453,6 +457,14 @@ async fn measure(args: &ClusterArgs, label: String, nodes: &mut [Node], started:
         waiting = still;
         if Instant::now() > deadline {
             let net = NetCounters::read()?.since(&net_before);
+            if let Some(path) = &args.json_out {
+                let failed = serde_json::json!({
+                    "kind": "gossip-cluster-failed", "label": label, "agents": total, "instances": instances,
+                    "converge_timeout_s": args.converge_timeout.as_secs_f64(), "not_converged": waiting.len(),
+                    "udp_in_datagrams": net.udp_in_datagrams, "udp_rcvbuf_errors": net.udp_rcvbuf_errors,
+                });
+                append_line(path, &failed.to_string())?;
+            }
             bail!(
                 "{} agents did not know all {instances} instances within {:?} (e.g. {}); UDP datagrams so far: {} received, {} dropped with a full receive buffer",
                 waiting.len(),

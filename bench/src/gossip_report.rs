@@ -128,6 +128,7 @@ pub fn render_file(args: &ReportArgs) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
     let mut clusters = Vec::new();
     let mut samples = Vec::new();
+    let mut failed = String::new();
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let value: serde_json::Value = serde_json::from_str(line).with_context(|| format!("line {} is not JSON", n + 1))?;
         match value.get("kind").and_then(serde_json::Value::as_str) {
@@ -135,10 +136,23 @@ pub fn render_file(args: &ReportArgs) -> anyhow::Result<String> {
                 clusters.push(serde_json::from_value::<ClusterResult>(value).with_context(|| format!("line {}", n + 1))?)
             }
             Some("gossip-sample") => samples.push(serde_json::from_value::<Sample>(value).with_context(|| format!("line {}", n + 1))?),
+            Some("gossip-cluster-failed") => {
+                let num = |key: &str| value.get(key).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN);
+                failed.push_str(&format!(
+                    "**{}: did not converge.** After {:.0} s, {} of {} agents did not yet know all {} instances; {:.0} UDP datagrams were dropped because a socket's receive buffer was full, against {:.0} received.\n\n",
+                    value.get("label").and_then(serde_json::Value::as_str).unwrap_or("?"),
+                    num("converge_timeout_s"),
+                    num("not_converged"),
+                    num("agents"),
+                    num("instances"),
+                    num("udp_rcvbuf_errors"),
+                    num("udp_in_datagrams"),
+                ));
+            }
             _ => {}
         }
     }
-    Ok(render(&clusters, &samples))
+    Ok(format!("{}{failed}", render(&clusters, &samples)))
 }
 
 fn render(clusters: &[ClusterResult], samples: &[Sample]) -> String {
