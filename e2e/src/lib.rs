@@ -59,7 +59,7 @@ pub fn binary(name: &str) -> PathBuf {
         let dir = exe.parent().and_then(|deps| deps.parent()).expect("a target folder").to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args(["build", "--bins", "-p", "signpost-registry", "-p", "signpost-agent", "-p", "signpost-e2e"]);
+        build.args(["build", "--bins", "-p", "signpost-registry", "-p", "signpost-agent", "-p", "signpost-e2e", "-p", "signpost-bench"]);
         if dir.file_name().is_some_and(|p| p == "release") {
             build.arg("--release");
         }

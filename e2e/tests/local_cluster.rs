@@ -13,7 +13,10 @@ async fn the_local_cluster_starts_answers_and_stops_cleanly() {
     // Ports base..base+70 must be free: take the kernel's pick and round it down.
     let base = (signpost_e2e::free_port() / 100 * 100).clamp(20_000, 60_000);
     let mut child = Command::new(root.join("deploy/local/cluster"))
-        .args(["--debug", "--agents", "2", "--base-port", &base.to_string()])
+        // The binaries this test run built already (a build of its own would unify features
+        // differently and compile much of the workspace again).
+        .args(["--agents", "2", "--base-port", &base.to_string(), "--bin-dir"])
+        .arg(signpost_e2e::binary("signpost-bench").parent().expect("the binaries' folder"))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
