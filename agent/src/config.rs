@@ -13,6 +13,8 @@ use signpost_shared::model::{DEFAULT_TTL_S, DEFAULT_WEIGHT, Registration, host_p
 use signpost_shared::validate::{self, ValidationErrors};
 use url::Url;
 
+use crate::gossip_key::{KeyError, Keyring};
+
 /// Every setting of the agent. Durations are written `500ms`, `2s`, `1m`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,6 +48,15 @@ pub struct AgentConfig {
     /// Per service name, the least healthy share below which lookups answer every instance
     /// (the panic threshold); e.g. `{ web = 0.5 }`.
     pub protection_thresholds: BTreeMap<String, f64>,
+    /// Keys that encrypt and authenticate gossip, base64 (`signpost-agent keygen`): the first
+    /// seals what this agent sends, every one opens what it receives.
+    pub gossip_keys: Vec<Secret>,
+    /// File with the gossip keys, one per line, the first one sealing; read again when it
+    /// changes, so keys rotate without a restart.
+    pub gossip_key_file: Option<PathBuf>,
+    /// Receive buffer of the gossip socket, in bytes (forced past `net.core.rmem_max` when the
+    /// process has CAP_NET_ADMIN).
+    pub gossip_recv_buffer: usize,
     /// Time between two gossip rounds.
     #[serde(with = "signpost_shared::duration")]
     pub gossip_interval: Duration,
@@ -129,6 +140,9 @@ pub struct CheckConfig {
     pub failures_before_critical: u32,
 }
 
+/// Default receive buffer of the gossip socket: 8 MiB.
+pub const DEFAULT_GOSSIP_RECV_BUFFER: usize = 8 << 20;
+
 fn default_interval() -> Duration {
     Duration::from_secs(10)
 }
@@ -158,6 +172,9 @@ impl Default for AgentConfig {
             data_dir: PathBuf::from("./signpost-data"),
             services: vec![],
             protection_thresholds: BTreeMap::new(),
+            gossip_keys: vec![],
+            gossip_key_file: None,
+            gossip_recv_buffer: DEFAULT_GOSSIP_RECV_BUFFER,
             gossip_interval: Duration::from_millis(100),
             phi_threshold: 8.0,
             dead_node_grace: Duration::from_secs(15 * 60),
@@ -255,6 +272,15 @@ impl AgentConfig {
         self.node.clone().unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned())
     }
 
+    /// The gossip keys, from the settings or the key file; `None` when gossip is in the clear.
+    pub fn gossip_keyring(&self) -> Result<Option<Keyring>, KeyError> {
+        match (&self.gossip_key_file, self.gossip_keys.as_slice()) {
+            (Some(path), _) => Keyring::read_file(path).map(Some),
+            (None, []) => Ok(None),
+            (None, keys) => Keyring::parse(&keys.iter().map(Secret::expose).collect::<Vec<_>>()).map(Some),
+        }
+    }
+
     /// Resolves the token file and checks every rule serde cannot express.
     pub fn finish(mut self) -> Result<Self, ConfigError> {
         if let Some(path) = self.token_file.take() {
@@ -286,6 +312,14 @@ impl AgentConfig {
             if !(0.0..=1.0).contains(share) {
                 errors.add(format!("protection_thresholds.{}", validate::clip(name)), "must be between 0.0 and 1.0");
             }
+        }
+        if !self.gossip_keys.is_empty() && self.gossip_key_file.is_some() {
+            errors.add("gossip_keys", "set either gossip_keys or gossip_key_file, not both");
+        } else if let Err(e) = self.gossip_keyring() {
+            errors.add(if self.gossip_keys.is_empty() { "gossip_key_file" } else { "gossip_keys" }, e.to_string());
+        }
+        if !(64 << 10..=1 << 30).contains(&self.gossip_recv_buffer) {
+            errors.add("gossip_recv_buffer", "must be between 65536 and 1073741824 bytes");
         }
         if self.gossip_interval < Duration::from_millis(10) || self.gossip_interval > Duration::from_secs(10) {
             errors.add("gossip_interval", "must be between 10ms and 10s");
@@ -341,6 +375,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent (the default).
     Run,
+    /// Print a new random gossip key (base64) and exit.
+    Keygen,
 }
 
 /// Flags; each overrides the setting of the same name.
@@ -414,6 +450,19 @@ pub struct Flags {
     #[arg(long, value_name = "FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
+    /// A gossip key (base64, from `signpost-agent keygen`); repeatable: the first seals, every
+    /// one opens [default: none, gossip in the clear].
+    #[arg(long = "gossip-key", value_name = "KEY")]
+    #[serde(rename = "gossip_keys", skip_serializing_if = "Vec::is_empty")]
+    pub gossip_key: Vec<String>,
+    /// File with the gossip keys, one per line, the first one sealing; reloaded on change.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gossip_key_file: Option<PathBuf>,
+    /// Receive buffer of the gossip socket in bytes [default: 8388608].
+    #[arg(long, value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gossip_recv_buffer: Option<usize>,
     /// Time between two gossip rounds [default: 100ms].
     #[arg(long, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]

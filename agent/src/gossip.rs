@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chitchat::transport::UdpTransport;
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState, spawn_chitchat};
 use serde::Serialize;
 use signpost_shared::gossip::{self, AGENT_KEY, AgentValue, FORMAT_VERSION, GossipInstance, INSTANCE_PREFIX};
@@ -17,6 +16,8 @@ use signpost_shared::model::Health;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::Cache;
+use crate::gossip_key::SharedKeyring;
+use crate::gossip_transport::GossipTransport;
 use crate::local::LocalState;
 use crate::metrics::Metrics;
 
@@ -43,6 +44,10 @@ pub struct GossipConfig {
     pub http_addr: String,
     /// This agent's zone.
     pub zone: Option<String>,
+    /// The cluster's keys; `None` gossips in the clear.
+    pub keyring: Option<Arc<SharedKeyring>>,
+    /// Receive buffer of the gossip socket, in bytes.
+    pub recv_buffer: usize,
 }
 
 /// One live peer (or this agent) as gossip describes it.
@@ -92,7 +97,7 @@ pub struct Gossip {
 
 impl Gossip {
     /// Binds the UDP socket and starts chitchat.
-    pub async fn start(config: GossipConfig, local: &LocalState) -> anyhow::Result<Gossip> {
+    pub async fn start(config: GossipConfig, local: &LocalState, metrics: Arc<Metrics>) -> anyhow::Result<Gossip> {
         let generation = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or_default();
         let chitchat_config = ChitchatConfig {
             chitchat_id: ChitchatId::new(config.node.clone(), generation, config.advertise),
@@ -114,7 +119,13 @@ impl Gossip {
             protocol_version: chitchat::ProtocolVersion::V0,
         };
         let initial = own_key_values(&config, local, None);
-        let handle = spawn_chitchat(chitchat_config, initial, &UdpTransport).await?;
+        let transport = GossipTransport {
+            keyring: config.keyring.clone(),
+            cluster_id: config.cluster_id.clone(),
+            recv_buffer: config.recv_buffer,
+            metrics,
+        };
+        let handle = spawn_chitchat(chitchat_config, initial, &transport).await?;
         Ok(Gossip { handle, config })
     }
 

@@ -7,6 +7,8 @@
 //! - [`config`]: settings and the command line. [`local`]: the local services and checks.
 //! - [`checks`]: runs HTTP/TCP probes and TTL deadlines. [`sync`]: keeps the registry in step.
 //! - [`gossip`]: the chitchat adapter. [`feed`]: follows the registry's catalog feed.
+//! - [`gossip_transport`]: chitchat's UDP socket, sealed by [`gossip_seal`] with the keys
+//!   of [`gossip_key`].
 //! - [`cache`]: the merge rule and the snapshot lookups read. [`persist`]: the saved cache.
 //! - [`api`]: the local HTTP API. [`metrics`]: Prometheus text.
 
@@ -16,6 +18,9 @@ pub mod checks;
 pub mod config;
 pub mod feed;
 pub mod gossip;
+pub mod gossip_key;
+pub mod gossip_seal;
+pub mod gossip_transport;
 pub mod local;
 pub mod metrics;
 pub mod persist;
@@ -38,6 +43,7 @@ use crate::api::AgentState;
 use crate::cache::Cache;
 use crate::config::AgentConfig;
 use crate::gossip::{Gossip, GossipConfig};
+use crate::gossip_key::SharedKeyring;
 use crate::local::LocalState;
 use crate::metrics::Metrics;
 use crate::sync::{SyncConfig, Syncer};
@@ -93,6 +99,9 @@ fn advertise_addr(config: &AgentConfig) -> SocketAddr {
     SocketAddr::new(ip, listen.port())
 }
 
+/// How often the gossip key file is checked for a change.
+const KEY_FILE_POLL: Duration = Duration::from_secs(1);
+
 /// Runs the agent until `shutdown` completes, then leaves cleanly within the grace period.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let node = config.node_name();
@@ -125,6 +134,15 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         local.upsert(spec, &service.checks).map_err(|e| Error::Service(e.to_string()))?;
     }
 
+    let keyring = config.gossip_keyring().map_err(|e| Error::Gossip { addr: config.gossip_listen, reason: e.to_string() })?.map(|k| Arc::new(SharedKeyring::new(k)));
+    match &keyring {
+        Some(keys) => tracing::info!(keys = keys.current().len(), "gossip is encrypted and authenticated with the cluster key"),
+        None if !config.gossip_listen.ip().is_loopback() => tracing::warn!(
+            listen = %config.gossip_listen,
+            "gossip is neither encrypted nor authenticated: anyone who can send UDP here can join the cluster and publish instances; set gossip_keys or gossip_key_file (signpost-agent keygen)"
+        ),
+        None => {}
+    }
     let gossip_config = GossipConfig {
         node: node.clone(),
         cluster_id: config.cluster_id.clone(),
@@ -136,9 +154,13 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         dead_node_grace: config.dead_node_grace,
         http_addr: http_addr.to_string(),
         zone: config.zone.clone(),
+        keyring: keyring.clone(),
+        recv_buffer: config.gossip_recv_buffer,
     };
     let gossip = Arc::new(
-        Gossip::start(gossip_config, &local).await.map_err(|e| Error::Gossip { addr: config.gossip_listen, reason: format!("{e:#}") })?,
+        Gossip::start(gossip_config, &local, metrics.clone())
+            .await
+            .map_err(|e| Error::Gossip { addr: config.gossip_listen, reason: format!("{e:#}") })?,
     );
 
     let mut client_config = ClientConfig::new(config.registry.clone());
@@ -188,6 +210,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         feed::follow(client.clone(), cache.clone(), gossip.clone(), config.catalog_wait, metrics.clone(), work.clone())
             .instrument(tracing::info_span!("feed")),
     ));
+    if let (Some(path), Some(keys)) = (&config.gossip_key_file, &keyring) {
+        tasks.spawn(named(
+            "gossip keys",
+            gossip_key::watch_file(path.clone(), keys.clone(), KEY_FILE_POLL, work.clone()).instrument(tracing::info_span!("gossip_keys")),
+        ));
+    }
     tasks.spawn(named("persist", feed::persist_loop(cache.clone(), cache_file, token.clone()).instrument(tracing::info_span!("persist"))));
     let sync_token = CancellationToken::new();
     let syncer_task = tokio::spawn(syncer.run(sync_token.clone()).instrument(tracing::info_span!("sync")));

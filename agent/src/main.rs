@@ -10,13 +10,17 @@ use signpost_agent::config::{self, Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run);
+    if let Command::Keygen = command {
+        println!("{}", signpost_agent::gossip_key::GossipKey::generate().encode());
+        return ExitCode::SUCCESS;
+    }
     signpost_shared::process::main(
         "signpost-agent",
         config::load(&cli.flags),
         |c| (c.log_format, c.log_level.clone()),
         |config| async move {
             match command {
-                Command::Run => signpost_agent::run(config, signpost_shared::process::shutdown_signal()).await,
+                Command::Run | Command::Keygen => signpost_agent::run(config, signpost_shared::process::shutdown_signal()).await,
             }
         },
     )

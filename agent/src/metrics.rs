@@ -7,6 +7,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use signpost_shared::model::Health;
 
+use crate::gossip_seal::Refusal;
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     route: &'static str,
@@ -15,6 +17,11 @@ struct RouteLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -34,6 +41,12 @@ pub struct Metrics {
     sync_age: Gauge,
     registry_errors: Counter,
     bad_gossip: Counter,
+    gossip_dropped: Family<ReasonLabels, Counter>,
+    gossip_datagrams_sent: Counter,
+    gossip_bytes_sent: Counter,
+    gossip_datagrams_received: Counter,
+    gossip_bytes_received: Counter,
+    gossip_recv_buffer: Gauge,
 }
 
 impl Default for Metrics {
@@ -65,7 +78,65 @@ impl Metrics {
         registry.register("registry_errors", "Failed calls to the registry", registry_errors.clone());
         let bad_gossip = Counter::default();
         registry.register("gossip_bad_values", "Peer gossip values skipped because they failed to decode or validate", bad_gossip.clone());
-        Metrics { registry, lookups, service_lookups, cache_instances, members, checks, sync_age, registry_errors, bad_gossip }
+        let gossip_dropped = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "gossip_dropped",
+            "Gossip datagrams dropped before chitchat, by reason (truncated, oversized, unauthenticated, stale, replayed, malformed)",
+            gossip_dropped.clone(),
+        );
+        for refusal in Refusal::ALL {
+            // Every reason shows from the start, at 0.
+            let _ = gossip_dropped.get_or_create(&ReasonLabels { reason: refusal.label() });
+        }
+        let gossip_datagrams_sent = Counter::default();
+        registry.register("gossip_datagrams_sent", "Gossip datagrams sent", gossip_datagrams_sent.clone());
+        let gossip_bytes_sent = Counter::default();
+        registry.register("gossip_sent_bytes", "Bytes of gossip datagrams sent", gossip_bytes_sent.clone());
+        let gossip_datagrams_received = Counter::default();
+        registry.register("gossip_datagrams_received", "Gossip datagrams received, dropped ones included", gossip_datagrams_received.clone());
+        let gossip_bytes_received = Counter::default();
+        registry.register("gossip_received_bytes", "Bytes of gossip datagrams received", gossip_bytes_received.clone());
+        let gossip_recv_buffer = Gauge::default();
+        registry.register("gossip_recv_buffer_bytes", "Receive buffer the kernel granted the gossip socket", gossip_recv_buffer.clone());
+        Metrics {
+            registry,
+            lookups,
+            service_lookups,
+            cache_instances,
+            members,
+            checks,
+            sync_age,
+            registry_errors,
+            bad_gossip,
+            gossip_dropped,
+            gossip_datagrams_sent,
+            gossip_bytes_sent,
+            gossip_datagrams_received,
+            gossip_bytes_received,
+            gossip_recv_buffer,
+        }
+    }
+
+    /// Counts a gossip datagram dropped before chitchat.
+    pub fn gossip_dropped(&self, refusal: Refusal) {
+        self.gossip_dropped.get_or_create(&ReasonLabels { reason: refusal.label() }).inc();
+    }
+
+    /// Counts a gossip datagram sent.
+    pub fn gossip_sent(&self, bytes: usize) {
+        self.gossip_datagrams_sent.inc();
+        self.gossip_bytes_sent.inc_by(bytes as u64);
+    }
+
+    /// Counts a gossip datagram received.
+    pub fn gossip_received(&self, bytes: usize) {
+        self.gossip_datagrams_received.inc();
+        self.gossip_bytes_received.inc_by(bytes as u64);
+    }
+
+    /// Records the receive buffer the kernel granted.
+    pub fn gossip_recv_buffer(&self, bytes: usize) {
+        self.gossip_recv_buffer.set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// Counts one lookup.
