@@ -150,11 +150,17 @@ impl Registry {
         terminate_child(self.child.as_mut()?, timeout).await
     }
 
-    /// The value of an unlabelled metric, read from `/metrics`.
+    /// The value of a metric, read from `/metrics`.
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        let text = reqwest::get(self.at("/metrics")).await.ok()?.text().await.ok()?;
-        text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        metric_at(&self.at("/metrics"), name).await
     }
+}
+
+/// The value of metric `name` (with its labels, as `/metrics` writes them, e.g.
+/// `x_total{reason="stale"}`) at `url`.
+async fn metric_at(url: &str, name: &str) -> Option<f64> {
+    let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Waits until the process logged `listening` (JSON logs) and returns the `addr` it names.
@@ -364,6 +370,11 @@ impl Agent {
     /// Everything it logged in its current run.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The value of a metric, read from `/metrics`.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        metric_at(&self.at("/metrics"), name).await
     }
 
     /// The instance ids of `service` this agent answers, with their health (health=any).
