@@ -25,8 +25,15 @@ pub struct AgentConfig {
     pub zone: Option<String>,
     /// Address other hosts reach this host's services at (default: the gossip address's IP).
     pub address: Option<String>,
-    /// Address of the local HTTP API (loopback by default).
+    /// Address of the local HTTP API (loopback by default; any other address needs
+    /// `allow_remote_api` and `api_token`).
     pub listen: SocketAddr,
+    /// Bearer token every call of this agent's API but `/healthz` must present.
+    pub api_token: Option<Secret>,
+    /// File holding the API token.
+    pub api_token_file: Option<PathBuf>,
+    /// Lets the API listen on an address other hosts can reach (it then needs `api_token`).
+    pub allow_remote_api: bool,
     /// UDP address gossip listens on.
     pub gossip_listen: SocketAddr,
     /// Address peers gossip to (default: `gossip_listen`, with a routable IP if it is 0.0.0.0).
@@ -162,6 +169,9 @@ impl Default for AgentConfig {
             zone: None,
             address: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 7301)),
+            api_token: None,
+            api_token_file: None,
+            allow_remote_api: false,
             gossip_listen: SocketAddr::from(([0, 0, 0, 0], 7302)),
             gossip_advertise: None,
             seeds: vec![],
@@ -286,6 +296,9 @@ impl AgentConfig {
         if let Some(path) = self.token_file.take() {
             self.token = Some(Secret::from_file(&path)?);
         }
+        if let Some(path) = self.api_token_file.take() {
+            self.api_token = Some(Secret::from_file(&path)?);
+        }
         let node = self.node_name();
         let mut errors = ValidationErrors::default();
         errors.check("node", validate::node_name(&node));
@@ -296,6 +309,20 @@ impl AgentConfig {
             errors.check("address", validate::address(address));
         }
         errors.check("cluster_id", validate::node_name(&self.cluster_id));
+        if let Some(token) = &self.api_token
+            && token.expose().len() < 16
+        {
+            errors.add("api_token", "must be at least 16 characters long");
+        }
+        if !self.listen.ip().is_loopback() && !(self.allow_remote_api && self.api_token.is_some()) {
+            errors.add(
+                "listen",
+                format!(
+                    "{} is not a loopback address: serving the agent API to other hosts needs allow_remote_api = true and an api_token",
+                    self.listen
+                ),
+            );
+        }
         if self.registry.is_empty() {
             errors.add("registry", "at least one registry URL is needed");
         }
@@ -422,10 +449,23 @@ pub struct Flags {
     #[arg(long, value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
-    /// Address of the local HTTP API [default: 127.0.0.1:7301].
+    /// Address of the local HTTP API; a non-loopback one needs --allow-remote-api and
+    /// --api-token [default: 127.0.0.1:7301].
     #[arg(long, value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
+    /// Bearer token every call of the agent API but /healthz must present [default: none].
+    #[arg(long, value_name = "TOKEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_token: Option<String>,
+    /// File holding the API token.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_token_file: Option<PathBuf>,
+    /// Let the API listen on a non-loopback --listen address (needs --api-token).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_remote_api: bool,
     /// UDP address gossip listens on [default: 0.0.0.0:7302].
     #[arg(long, value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -558,6 +598,23 @@ mod tests {
         assert_eq!(config.services.len(), 1);
         assert_eq!(config.services[0].instance_id("node-a"), "node-a-web-8080");
         assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 7301)));
+    }
+
+    #[test]
+    fn the_api_stays_on_loopback_unless_allowed_with_a_token() {
+        let mut f = flags("web:8080");
+        f.listen = Some("0.0.0.0:7301".into());
+        let error = load(&f).expect_err("wide without permission").to_string();
+        assert!(error.contains("allow_remote_api"), "{error}");
+        f.allow_remote_api = true;
+        assert!(load(&f).is_err(), "allowed but without a token");
+        f.api_token = Some("short".into());
+        assert!(load(&f).expect_err("short token").to_string().contains("api_token"));
+        f.api_token = Some("a-long-enough-api-token".into());
+        assert!(load(&f).is_ok());
+        let mut local = flags("web:8080");
+        local.listen = Some("127.0.0.9:7301".into());
+        assert!(load(&local).is_ok(), "any loopback address is fine");
     }
 
     #[test]

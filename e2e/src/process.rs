@@ -152,14 +152,32 @@ impl Registry {
 
     /// The value of a metric, read from `/metrics`.
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        metric_at(&self.at("/metrics"), name).await
+        metric_at(&reqwest::Client::new(), &self.at("/metrics"), name).await
     }
 }
 
+/// The API token of agents that listen beyond loopback (in a network namespace): one per
+/// test process.
+pub fn netns_api_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| format!("e2e-api-token-{:016x}", rand::random::<u64>()))
+}
+
+/// An HTTP client that presents `api_token` (if any) as a bearer token.
+pub fn http_client(api_token: Option<&str>, timeout: Duration) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = api_token
+        && let Ok(value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+    {
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder().timeout(timeout).default_headers(headers).build().expect("an HTTP client")
+}
+
 /// The value of metric `name` (with its labels, as `/metrics` writes them, e.g.
-/// `x_total{reason="stale"}`) at `url`.
-async fn metric_at(url: &str, name: &str) -> Option<f64> {
-    let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+/// `x_total{reason="stale"}`) at `url`, asked with `client`.
+async fn metric_at(client: &reqwest::Client, url: &str, name: &str) -> Option<f64> {
+    let text = client.get(url).send().await.ok()?.text().await.ok()?;
     text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
@@ -281,13 +299,18 @@ impl AgentBuilder {
             "--log-level".into(),
             "info,signpost_agent=debug,chitchat=warn".into(),
         ];
+        let mut api_token = None;
         if let Some(host) = &self.host {
             args.extend(["--address".to_string(), host.data_ip.to_string()]);
+            // Reached from the test's namespace, so beyond loopback: allowed, with a token.
+            args.extend(["--allow-remote-api".to_string(), "--api-token".into(), netns_api_token().into()]);
+            api_token = Some(netns_api_token().to_string());
         }
         args.extend(self.args);
         let netns = self.host.map(|h| h.netns);
         let addr = SocketAddr::from(([127, 0, 0, 1], 0));
-        let mut agent = Agent { node: self.node, args, netns, dir, child: None, addr, gossip_port, runs: 0 };
+        let http = http_client(api_token.as_deref(), Duration::from_secs(30));
+        let mut agent = Agent { node: self.node, args, netns, dir, child: None, addr, gossip_port, runs: 0, http };
         agent.spawn().await;
         agent
     }
@@ -306,6 +329,7 @@ pub struct Agent {
     pub gossip_port: u16,
     netns: Option<String>,
     runs: u32,
+    http: reqwest::Client,
 }
 
 impl Agent {
@@ -374,12 +398,17 @@ impl Agent {
 
     /// The value of a metric, read from `/metrics`.
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        metric_at(&self.at("/metrics"), name).await
+        metric_at(&self.http, &self.at("/metrics"), name).await
+    }
+
+    /// `GET path` of its API (presenting its API token, if it has one).
+    pub async fn get(&self, path: &str) -> Option<reqwest::Response> {
+        self.http.get(self.at(path)).send().await.ok()
     }
 
     /// The instance ids of `service` this agent answers, with their health (health=any).
     pub async fn lookup(&self, service: &str) -> Option<Vec<(String, String)>> {
-        let body: serde_json::Value = reqwest::get(self.at(&format!("/v1/services/{service}?health=any"))).await.ok()?.json().await.ok()?;
+        let body: serde_json::Value = self.get(&format!("/v1/services/{service}?health=any")).await?.json().await.ok()?;
         Some(
             body["instances"]
                 .as_array()?

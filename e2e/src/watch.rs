@@ -41,8 +41,14 @@ pub struct Watcher {
 impl Watcher {
     /// Starts asking `GET {base}/v1/services/{service}` of every base URL in `targets`.
     pub fn start(service: &str, targets: Vec<String>) -> Watcher {
+        Self::start_with_token(service, targets, None)
+    }
+
+    /// As [`Watcher::start`], presenting the agents' API token.
+    pub fn start_with_token(service: &str, targets: Vec<String>, api_token: Option<&str>) -> Watcher {
         let state = Arc::new(Mutex::new(State { targets: targets.into_iter().map(Some).collect(), ..State::default() }));
-        let task = tokio::spawn(poll(service.to_string(), state.clone()));
+        let client = crate::process::http_client(api_token, ANSWER_TIMEOUT);
+        let task = tokio::spawn(poll(service.to_string(), client, state.clone()));
         Watcher { state, task }
     }
 
@@ -109,8 +115,7 @@ impl Drop for Watcher {
     }
 }
 
-async fn poll(service: String, state: Arc<Mutex<State>>) {
-    let client = reqwest::Client::builder().timeout(ANSWER_TIMEOUT).build().expect("an HTTP client");
+async fn poll(service: String, client: reqwest::Client, state: Arc<Mutex<State>>) {
     let mut ticks = tokio::time::interval(ROUND);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

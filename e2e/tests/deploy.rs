@@ -215,13 +215,18 @@ impl Proc {
     /// Waits until `url` answers `status` (its JSON body, or null), while this process runs;
     /// panics with this process's log otherwise.
     async fn answers(&mut self, url: &str, status: u16) -> Value {
-        let client = reqwest::Client::new();
+        self.answers_as(url, status, None).await
+    }
+
+    /// As `answers`, presenting a bearer token (the registry's reads need one once tokens are set).
+    async fn answers_as(&mut self, url: &str, status: u16, token: Option<&str>) -> Value {
+        let client = signpost_e2e::process::http_client(token, Duration::from_secs(2));
         let deadline = Instant::now() + signpost_e2e::patience(Duration::from_secs(30));
         loop {
             if let Ok(Some(exit)) = self.child.try_wait() {
                 panic!("the process stopped ({exit}) before {url} answered {status}:\n{}", self.log_text());
             }
-            if let Ok(response) = client.get(url).timeout(Duration::from_secs(2)).send().await
+            if let Ok(response) = client.get(url).send().await
                 && response.status().as_u16() == status
             {
                 return response.json::<Value>().await.unwrap_or(Value::Null);
@@ -244,8 +249,8 @@ fn free_udp_port() -> u16 {
     socket.local_addr().expect("local addr").port()
 }
 
-async fn status_of(url: &str) -> u16 {
-    reqwest::get(url).await.expect("GET").status().as_u16()
+async fn status_of(url: &str, token: &str) -> u16 {
+    reqwest::Client::new().get(url).bearer_auth(token).send().await.expect("GET").status().as_u16()
 }
 
 async fn write_status(url: &str, body: Value, token: Option<&str>) -> u16 {
@@ -587,10 +592,12 @@ async fn the_pods_containers_start_with_their_arguments_and_the_agent_leaves_cle
         format!("--seed=127.0.0.1:{gossip}"),
         format!("--data-dir={}", data_dir.display()),
     ]);
+    let token_file = agent.local("/etc/signpost/token/agent-token").expect("the token mount");
+    let token = std::fs::read_to_string(token_file).expect("the Secret's agent token").trim().to_string();
     let mut agent = Proc::start("signpost-agent", &agent.args, &agent.env, dir.path());
 
     let id = "example-test-pod-example-8080";
-    let instance = agent.answers(&format!("{registry_url}/v1/instances/{id}"), 200).await;
+    let instance = agent.answers_as(&format!("{registry_url}/v1/instances/{id}"), 200, Some(&token)).await;
     assert_eq!(instance["node"], "example-test-pod", "--node from the Pod name");
     assert_eq!(instance["address"], "127.0.0.1", "--address from the Pod IP");
     assert_eq!(instance["tags"], serde_json::json!(["kubernetes"]));
@@ -598,7 +605,7 @@ async fn the_pods_containers_start_with_their_arguments_and_the_agent_leaves_cle
     let (status, took) = agent.terminate().await;
     assert!(status.success(), "the agent's leave ended with {status}:\n{}", agent.log_text());
     assert!(took <= config.shutdown_grace + Duration::from_secs(1), "the leave took {took:?}");
-    assert_eq!(status_of(&format!("{registry_url}/v1/instances/{id}")).await, 404, "the leave should deregister");
+    assert_eq!(status_of(&format!("{registry_url}/v1/instances/{id}"), &token).await, 404, "the leave should deregister");
     println!("the example agent left {took:?} after SIGTERM");
     let (status, _) = registry.terminate().await;
     assert!(status.success(), "the registry's stop ended with {status}");
@@ -959,13 +966,13 @@ async fn the_units_start_the_real_binaries_and_the_compose_healthcheck_works() {
     ]);
     let mut agent = Proc::start(&agent_unit.program, &args, &[], dir.path());
     for id in ["web-host-1-web-8080", "web-host-1-worker-9000"] {
-        let instance = agent.answers(&format!("{url}/v1/instances/{id}"), 200).await;
+        let instance = agent.answers_as(&format!("{url}/v1/instances/{id}"), 200, Some(agent_token)).await;
         assert_eq!(instance["zone"], "eu-1");
     }
     let (status, took) = agent.terminate().await;
     assert!(status.success(), "the agent's leave ended with {status}:\n{}", agent.log_text());
     assert!(agent_unit.state_dir.join("signpost-agent/catalog-cache.bin").is_file(), "the cache is saved in the state folder");
-    assert_eq!(status_of(&format!("{url}/v1/instances/web-host-1-web-8080")).await, 404, "the leave should deregister");
+    assert_eq!(status_of(&format!("{url}/v1/instances/web-host-1-web-8080"), agent_token).await, 404, "the leave should deregister");
     println!("the host agent left {took:?} after SIGTERM");
     let (status, took) = registry.terminate().await;
     assert!(status.success(), "the registry's stop ended with {status}:\n{}", registry.log_text());

@@ -29,7 +29,7 @@ fn id(i: usize) -> String {
 /// Waits until `agent` answers exactly `healthy` as the healthy instances of `web`.
 async fn answers(agent: &Agent, healthy: &BTreeSet<String>, within: Duration) {
     eventually(&format!("{} answers {healthy:?} healthy", agent.node), within, || async {
-        let body: Value = reqwest::get(agent.at("/v1/services/web")).await.ok()?.json().await.ok()?;
+        let body: Value = agent.get("/v1/services/web").await?.json().await.ok()?;
         let found: BTreeSet<String> = body["instances"].as_array()?.iter().filter_map(|i| i["id"].as_str().map(str::to_string)).collect();
         (&found == healthy).then_some(())
     })
@@ -62,7 +62,11 @@ async fn a_host_cut_off_is_dead_to_the_rest_and_rejoins_when_healed() {
     for agent in &agents {
         answers(agent, &everyone, Duration::from_secs(30)).await;
     }
-    let watch = Watcher::start("web", agents.iter().map(|a| format!("http://{}", a.addr)).collect());
+    let watch = Watcher::start_with_token(
+        "web",
+        agents.iter().map(|a| format!("http://{}", a.addr)).collect(),
+        Some(signpost_e2e::process::netns_api_token()),
+    );
 
     let k = rand::random_range(1..=HOSTS);
     let cut_off = id(k);
@@ -81,7 +85,7 @@ async fn a_host_cut_off_is_dead_to_the_rest_and_rejoins_when_healed() {
     let alone: BTreeSet<String> = [cut_off.clone()].into();
     answers(&agents[k - 1], &alone, DEAD_AGENT_BOUND).await;
     eventually("the cut-off agent says its answer is stale", Duration::from_secs(20), || async {
-        let response = reqwest::get(agents[k - 1].at("/v1/services/web")).await.ok()?;
+        let response = agents[k - 1].get("/v1/services/web").await?;
         let stale: u64 = response.headers().get("x-signpost-stale-seconds")?.to_str().ok()?.parse().ok()?;
         (stale >= 1).then_some(())
     })

@@ -27,6 +27,16 @@ pub struct RegistryConfig {
     pub agent_token: Option<Secret>,
     /// File holding the agent token.
     pub agent_token_file: Option<PathBuf>,
+    /// File of per-node agent tokens, one `NODE TOKEN` pair per line: each may write only the
+    /// instances of its own node.
+    pub agent_tokens_file: Option<PathBuf>,
+    /// Bearer token that may only read.
+    pub read_token: Option<Secret>,
+    /// File holding the read-only token.
+    pub read_token_file: Option<PathBuf>,
+    /// Per-node agent tokens read from `agent_tokens_file` (not a setting).
+    #[serde(skip)]
+    pub node_tokens: Vec<(String, Secret)>,
     /// Log format: `human` or `json`.
     pub log_format: LogFormat,
     /// Log filter, in `RUST_LOG` syntax (`RUST_LOG` wins when set).
@@ -87,6 +97,10 @@ impl Default for RegistryConfig {
             admin_token_file: None,
             agent_token: None,
             agent_token_file: None,
+            agent_tokens_file: None,
+            read_token: None,
+            read_token_file: None,
+            node_tokens: vec![],
             log_format: LogFormat::Human,
             log_level: "info,sqlx=warn".into(),
             sweep_interval: Duration::from_secs(1),
@@ -125,8 +139,14 @@ impl RegistryConfig {
         if let Some(path) = self.agent_token_file.take() {
             self.agent_token = Some(Secret::from_file(&path)?);
         }
-        for (name, token) in [("admin_token", &self.admin_token), ("agent_token", &self.agent_token)] {
-            if token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+        if let Some(path) = self.read_token_file.take() {
+            self.read_token = Some(Secret::from_file(&path)?);
+        }
+        if let Some(path) = &self.agent_tokens_file {
+            self.node_tokens = crate::api::auth::read_agent_tokens(path)?;
+        }
+        for (name, token) in [("admin_token", &self.admin_token), ("agent_token", &self.agent_token), ("read_token", &self.read_token)] {
+            if token.as_ref().is_some_and(|t| t.expose().len() < crate::api::auth::MIN_TOKEN_LEN) {
                 return Err(ConfigError::Rule(format!("{name} must be at least 16 characters long")));
             }
         }
@@ -201,7 +221,8 @@ pub struct Flags {
     #[arg(long, global = true, value_name = "URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
-    /// Bearer token for the admin API (at least 16 characters) [default: none, writes are open].
+    /// Bearer token for the admin API (at least 16 characters) [default: none; with no token at
+    /// all, the API is open].
     #[arg(long, value_name = "TOKEN")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
@@ -217,6 +238,19 @@ pub struct Flags {
     #[arg(long, value_name = "FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_token_file: Option<PathBuf>,
+    /// File of per-node agent tokens, `NODE TOKEN` per line; each writes only its node's
+    /// instances [default: none].
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_tokens_file: Option<PathBuf>,
+    /// Bearer token that may only read (at least 16 characters) [default: none].
+    #[arg(long, value_name = "TOKEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_token: Option<String>,
+    /// File holding the read-only token.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_token_file: Option<PathBuf>,
     /// Log format: human or json [default: human].
     #[arg(long, value_name = "FORMAT")]
     #[serde(skip_serializing_if = "Option::is_none")]

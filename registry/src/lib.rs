@@ -109,7 +109,7 @@ pub async fn run(config: RegistryConfig, shutdown: impl Future<Output = ()>) -> 
         store: store.clone(),
         cache: CatalogCache::new(store.clone(), config.read_cache_max_age),
         metrics: metrics.clone(),
-        auth: Auth::new(config.admin_token.clone(), config.agent_token.clone()),
+        auth: Auth::new(config.admin_token.clone(), config.agent_token.clone(), config.read_token.clone(), config.node_tokens.clone()),
         max_body_bytes: config.max_body_bytes,
         max_wait: config.max_wait,
         shutdown: token.clone(),

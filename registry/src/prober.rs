@@ -134,7 +134,7 @@ async fn record(
         entry.failures = entry.failures.saturating_add(1);
         if entry.failures < config.failures_before_critical {
             // Not critical yet: the lease must not run out before the threshold is reached.
-            if let Err(e) = store.heartbeat(&id, &Heartbeat::default(), now_ms).await {
+            if let Err(e) = store.heartbeat(&id, &Heartbeat::default(), now_ms, None).await {
                 tracing::warn!(instance = %id, error = %e, "cannot renew a lease after a probe failure below the threshold");
             }
             return;
@@ -144,7 +144,7 @@ async fn record(
     } else {
         entry.failures = 0;
         let heartbeat = Heartbeat { health: Some(health), output: Some(output) };
-        store.heartbeat(&id, &heartbeat, now_ms).await.map(|_| ())
+        store.heartbeat(&id, &heartbeat, now_ms, None).await.map(|_| ())
     };
     if let Err(e) = result {
         tracing::warn!(instance = %id, error = %e, "cannot record a probe result");

@@ -358,30 +358,121 @@ async fn bad_input_is_refused_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_need_a_token_when_one_is_configured() {
+async fn each_token_may_do_what_its_role_allows_and_nothing_else() {
     let db = TestDb::create().await;
-    let admin = "admin-0123456789abcdef";
-    let agent = "agent-0123456789abcdef";
-    let registry = RegistryBuilder::new(Some(&db.url)).flag("admin-token", admin).flag("agent-token", agent).start().await;
+    let (admin, fleet, reader, node_a) =
+        ("admin-0123456789abcdef", "fleet-0123456789abcdef", "reader-0123456789abcdef", "node-a-0123456789abcdef");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tokens_file = dir.path().join("agent-tokens");
+    std::fs::write(&tokens_file, format!("# node token\nnode-a {node_a}\nnode-b node-b-0123456789abcdef\n")).expect("write");
+    let registry = RegistryBuilder::new(Some(&db.url))
+        .flag("admin-token", admin)
+        .flag("agent-token", fleet)
+        .flag("read-token", reader)
+        .flag("agent-tokens-file", tokens_file.display().to_string())
+        .start()
+        .await;
     let client = reqwest::Client::new();
-    let register = |token: Option<&str>, id: &str| {
-        let mut request = client.post(registry.at("/v1/instances")).json(&instance(id, "web", 1));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        request.send()
+    let send = |request: reqwest::RequestBuilder, token: Option<&str>| {
+        let request = match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        async move { request.send().await.expect("request").status() }
     };
-    let missing = register(None, "web-1").await.expect("POST");
-    assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(missing.json::<Value>().await.expect("json")["error"], "unauthorized");
-    assert_eq!(register(Some("wrong-token-0123456789"), "web-1").await.expect("POST").status(), StatusCode::FORBIDDEN);
-    assert_eq!(register(Some(admin), "web-1").await.expect("POST").status(), StatusCode::CREATED);
-    assert_eq!(register(Some(agent), "web-2").await.expect("POST").status(), StatusCode::CREATED);
-    let delete = client.delete(registry.at("/v1/instances/web-1")).send().await.expect("DELETE");
-    assert_eq!(delete.status(), StatusCode::UNAUTHORIZED);
-    // Reads stay open.
-    assert_eq!(ids(&get(&registry, "/v1/services/web").await.1), ["web-1", "web-2"]);
-    assert!(!registry.log_text().contains(admin) && !registry.log_text().contains(agent), "tokens never reach the log");
+    let owned = |id: &str, node: Option<&str>| {
+        let mut body = instance(id, "web", 1);
+        if let Some(node) = node {
+            body["node"] = json!(node);
+        }
+        body
+    };
+    let register = |token: Option<&str>, body: Value| send(client.post(registry.at("/v1/instances")).json(&body), token);
+
+    // No token, a malformed one, an unknown one.
+    assert_eq!(register(None, owned("web-1", None)).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        send(client.post(registry.at("/v1/instances")).header("authorization", "Basic x").json(&owned("web-1", None)), None).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(register(Some("wrong-token-0123456789"), owned("web-1", None)).await, StatusCode::FORBIDDEN);
+    // Reads need a token too once any is configured; every role may read; health and metrics stay open.
+    assert_eq!(send(client.get(registry.at("/v1/services")), None).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(send(client.get(registry.at("/v1/catalog")), None).await, StatusCode::UNAUTHORIZED);
+    for token in [admin, fleet, reader, node_a] {
+        assert_eq!(send(client.get(registry.at("/v1/services")), Some(token)).await, StatusCode::OK);
+        assert_eq!(send(client.get(registry.at("/v1/agents")), Some(token)).await, StatusCode::OK);
+    }
+    for open in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(send(client.get(registry.at(open)), None).await, StatusCode::OK, "{open}");
+    }
+
+    // The read-only token cannot write anything.
+    assert_eq!(register(Some(reader), owned("web-r", Some("node-a"))).await, StatusCode::FORBIDDEN);
+    // The admin and the fleet agent may register for any node (or none).
+    assert_eq!(register(Some(admin), owned("web-1", None)).await, StatusCode::CREATED);
+    assert_eq!(register(Some(fleet), owned("web-b", Some("node-b"))).await, StatusCode::CREATED);
+    // node-a's token: its own node's instances only; never one without a node.
+    assert_eq!(register(Some(node_a), owned("web-a", Some("node-a"))).await, StatusCode::CREATED);
+    assert_eq!(register(Some(node_a), owned("web-a", Some("node-a"))).await, StatusCode::OK);
+    assert_eq!(register(Some(node_a), owned("web-x", Some("node-b"))).await, StatusCode::FORBIDDEN);
+    assert_eq!(register(Some(node_a), owned("web-y", None)).await, StatusCode::FORBIDDEN);
+    // ... and it cannot take over node-b's instance by registering the id under its own name.
+    assert_eq!(register(Some(node_a), owned("web-b", Some("node-a"))).await, StatusCode::FORBIDDEN);
+    let heartbeat =
+        |id: &str, token: &str| send(client.put(registry.at(&format!("/v1/instances/{id}/heartbeat"))).json(&json!({})), Some(token));
+    assert_eq!(heartbeat("web-a", node_a).await, StatusCode::OK);
+    assert_eq!(heartbeat("web-b", node_a).await, StatusCode::FORBIDDEN);
+    assert_eq!(heartbeat("web-b", fleet).await, StatusCode::OK);
+    assert_eq!(heartbeat("web-b", reader).await, StatusCode::FORBIDDEN);
+    // Maintenance is the admin's.
+    let maintenance =
+        |token: &str| send(client.put(registry.at("/v1/instances/web-a/maintenance")).json(&json!({"enabled": false})), Some(token));
+    assert_eq!(maintenance(node_a).await, StatusCode::FORBIDDEN);
+    assert_eq!(maintenance(fleet).await, StatusCode::FORBIDDEN);
+    assert_eq!(maintenance(admin).await, StatusCode::OK);
+    // Agents announce only themselves.
+    let announce = |node: &str, token: &str| {
+        send(
+            client
+                .put(registry.at(&format!("/v1/agents/{node}")))
+                .json(&json!({"gossip_addr": "10.0.0.5:7302", "http_addr": "10.0.0.5:7301"})),
+            Some(token),
+        )
+    };
+    assert_eq!(announce("node-a", node_a).await, StatusCode::OK);
+    assert_eq!(announce("node-b", node_a).await, StatusCode::FORBIDDEN);
+    // Deregistration: not another node's instance, not naming another node.
+    let delete = |path: &str, token: &str| send(client.delete(registry.at(path)), Some(token));
+    assert_eq!(delete("/v1/instances/web-b", node_a).await, StatusCode::FORBIDDEN);
+    assert_eq!(delete("/v1/instances/web-b?node=node-b", node_a).await, StatusCode::FORBIDDEN);
+    assert_eq!(delete("/v1/instances/web-a?node=node-a", node_a).await, StatusCode::NO_CONTENT);
+
+    // What was refused changed nothing: web-b is still node-b's, untouched.
+    let page: Value =
+        client.get(registry.at("/v1/instances/web-b")).bearer_auth(reader).send().await.expect("GET").json().await.expect("json");
+    assert_eq!(page["node"], "node-b");
+    let listed: Value =
+        client.get(registry.at("/v1/services/web?health=any")).bearer_auth(reader).send().await.expect("GET").json().await.expect("json");
+    assert_eq!(ids(&listed), ["web-1", "web-b"]);
+    let log = registry.log_text();
+    for token in [admin, fleet, reader, node_a] {
+        assert!(!log.contains(token), "tokens never reach the log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_agent_tokens_file_stops_the_registry_and_names_the_line() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("agent-tokens");
+    std::fs::write(&file, "node-a node-a-0123456789abcdef\nnode-b tooshort\n").expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_signpost-registry"))
+        .args(["--agent-tokens-file", &file.display().to_string(), "--data-dir", &dir.path().display().to_string()])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 2") && !stderr.contains("tooshort") && !stderr.contains("0123456789abcdef"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,26 +29,26 @@ fn policy() -> SweepPolicy {
 }
 
 async fn register_get_deregister(store: &Store) {
-    let (created, outcome) = store.register(&spec("web-1", "web", 30), T0).await.expect("register");
+    let (created, outcome) = store.register(&spec("web-1", "web", 30), T0, None).await.expect("register");
     assert_eq!(outcome, Registered::Created);
     assert_eq!(created.health, Health::Passing);
     assert_eq!(created.lease_expires_at.timestamp_millis(), T0 + 30_000);
     let fetched = store.instance("web-1").await.expect("get").expect("exists");
     assert_eq!(fetched, created);
-    assert_eq!(store.deregister("web-1", None, T0).await.expect("deregister"), Deregistered::Removed);
+    assert_eq!(store.deregister("web-1", None, T0, None).await.expect("deregister"), Deregistered::Removed);
     assert!(store.instance("web-1").await.expect("get").is_none());
-    assert_eq!(store.deregister("web-1", None, T0).await.expect("deregister"), Deregistered::NotFound);
+    assert_eq!(store.deregister("web-1", None, T0, None).await.expect("deregister"), Deregistered::NotFound);
 }
 
 async fn repeated_registration_never_duplicates(store: &Store) {
-    let (first, _) = store.register(&spec("web-1", "web", 30), T0).await.expect("register");
-    let (again, outcome) = store.register(&spec("web-1", "web", 30), T0 + 1000).await.expect("register again");
+    let (first, _) = store.register(&spec("web-1", "web", 30), T0, None).await.expect("register");
+    let (again, outcome) = store.register(&spec("web-1", "web", 30), T0 + 1000, None).await.expect("register again");
     assert_eq!(outcome, Registered::Renewed);
     assert_eq!(again.index, first.index, "an identical registration must not move the index");
     assert_eq!(again.lease_expires_at.timestamp_millis(), T0 + 31_000);
     let mut moved = spec("web-1", "web", 30);
     moved.port = 9090;
-    let (updated, outcome) = store.register(&moved, T0 + 2000).await.expect("update");
+    let (updated, outcome) = store.register(&moved, T0 + 2000, None).await.expect("update");
     assert_eq!(outcome, Registered::Updated);
     assert_eq!(updated.port, 9090);
     assert!(updated.index > first.index);
@@ -58,31 +58,31 @@ async fn repeated_registration_never_duplicates(store: &Store) {
     assert_eq!(catalog.index, updated.index);
     // A registration that names no health keeps the one a check reported.
     let critical = Heartbeat { health: Some(Health::Critical), output: Some("down".into()) };
-    store.heartbeat("web-1", &critical, T0 + 3000).await.expect("heartbeat");
-    let (again, outcome) = store.register(&moved, T0 + 4000).await.expect("register again");
+    store.heartbeat("web-1", &critical, T0 + 3000, None).await.expect("heartbeat");
+    let (again, outcome) = store.register(&moved, T0 + 4000, None).await.expect("register again");
     assert_eq!((again.health, outcome), (Health::Critical, Registered::Renewed));
 }
 
 async fn heartbeat_renews_and_reports_health(store: &Store) {
-    let (first, _) = store.register(&spec("web-1", "web", 30), T0).await.expect("register");
-    let beat = store.heartbeat("web-1", &Heartbeat::default(), T0 + 5000).await.expect("heartbeat").expect("exists");
+    let (first, _) = store.register(&spec("web-1", "web", 30), T0, None).await.expect("register");
+    let beat = store.heartbeat("web-1", &Heartbeat::default(), T0 + 5000, None).await.expect("heartbeat").expect("exists");
     assert_eq!(beat.lease_expires_at.timestamp_millis(), T0 + 35_000);
     assert_eq!(beat.index, first.index, "a plain heartbeat does not move the index");
     let critical = Heartbeat { health: Some(Health::Critical), output: Some("connection refused".into()) };
-    let beat = store.heartbeat("web-1", &critical, T0 + 6000).await.expect("heartbeat").expect("exists");
+    let beat = store.heartbeat("web-1", &critical, T0 + 6000, None).await.expect("heartbeat").expect("exists");
     assert_eq!(beat.health, Health::Critical);
     assert_eq!(beat.output.as_deref(), Some("connection refused"));
     assert!(beat.index > first.index, "a health change moves the index");
-    assert!(store.heartbeat("nope", &Heartbeat::default(), T0).await.expect("heartbeat").is_none());
+    assert!(store.heartbeat("nope", &Heartbeat::default(), T0, None).await.expect("heartbeat").is_none());
 }
 
 async fn maintenance_wins_over_checks(store: &Store) {
-    store.register(&spec("web-1", "web", 30), T0).await.expect("register");
+    store.register(&spec("web-1", "web", 30), T0, None).await.expect("register");
     let on = Maintenance { enabled: true, reason: Some("deploy".into()) };
     let instance = store.set_maintenance("web-1", &on, T0).await.expect("maintenance").expect("exists");
     assert_eq!(instance.health, Health::Maintenance);
     assert_eq!(instance.maintenance_reason.as_deref(), Some("deploy"));
-    let instance = store.heartbeat("web-1", &Heartbeat::default(), T0 + 1).await.expect("hb").expect("exists");
+    let instance = store.heartbeat("web-1", &Heartbeat::default(), T0 + 1, None).await.expect("hb").expect("exists");
     assert_eq!(instance.health, Health::Maintenance, "a heartbeat does not end maintenance");
     let off = Maintenance { enabled: false, reason: None };
     let instance = store.set_maintenance("web-1", &off, T0 + 2).await.expect("maintenance").expect("exists");
@@ -92,9 +92,9 @@ async fn maintenance_wins_over_checks(store: &Store) {
 
 async fn sweep_expires_then_removes(store: &Store) {
     for i in 0..5 {
-        store.register(&spec(&format!("long-{i}"), "web", 300), T0).await.expect("register");
+        store.register(&spec(&format!("long-{i}"), "web", 300), T0, None).await.expect("register");
     }
-    store.register(&spec("short", "web", 1), T0).await.expect("register");
+    store.register(&spec("short", "web", 1), T0, None).await.expect("register");
     let report = store.sweep_now(&policy(), T0 + 500).await.expect("sweep");
     assert!(report.expired.is_empty() && report.removed.is_empty());
     let report = store.sweep_now(&policy(), T0 + 1500).await.expect("sweep");
@@ -111,20 +111,20 @@ async fn sweep_expires_then_removes(store: &Store) {
 
 async fn heartbeat_revives_an_expired_lease(store: &Store) {
     for i in 0..5 {
-        store.register(&spec(&format!("long-{i}"), "web", 300), T0).await.expect("register");
+        store.register(&spec(&format!("long-{i}"), "web", 300), T0, None).await.expect("register");
     }
-    store.register(&spec("short", "web", 1), T0).await.expect("register");
+    store.register(&spec("short", "web", 1), T0, None).await.expect("register");
     store.sweep_now(&policy(), T0 + 2000).await.expect("sweep");
     assert_eq!(store.instance("short").await.expect("get").expect("exists").health, Health::Critical);
-    let revived = store.heartbeat("short", &Heartbeat::default(), T0 + 2500).await.expect("hb").expect("exists");
+    let revived = store.heartbeat("short", &Heartbeat::default(), T0 + 2500, None).await.expect("hb").expect("exists");
     assert_eq!(revived.health, Health::Passing);
 }
 
 async fn self_preservation_holds_the_catalog(store: &Store) {
     for i in 0..8 {
-        store.register(&spec(&format!("web-{i}"), "web", 1), T0).await.expect("register");
+        store.register(&spec(&format!("web-{i}"), "web", 1), T0, None).await.expect("register");
     }
-    store.register(&spec("long", "web", 300), T0).await.expect("register");
+    store.register(&spec("long", "web", 300), T0, None).await.expect("register");
     let report = store.sweep_now(&policy(), T0 + 2000).await.expect("sweep");
     assert!(report.self_preservation, "8 of 9 lapsed at once");
     assert!(report.expired.is_empty());
@@ -134,13 +134,13 @@ async fn self_preservation_holds_the_catalog(store: &Store) {
     let report = store.sweep_now(&policy(), T0 + 60_000).await.expect("sweep");
     assert!(report.self_preservation && report.removed.is_empty(), "nothing removed while holding");
     for i in 0..8 {
-        store.heartbeat(&format!("web-{i}"), &Heartbeat::default(), T0 + 60_000).await.expect("hb");
+        store.heartbeat(&format!("web-{i}"), &Heartbeat::default(), T0 + 60_000, None).await.expect("hb");
     }
     let report = store.sweep_now(&policy(), T0 + 60_100).await.expect("sweep");
     assert!(!report.self_preservation, "heartbeats resumed");
     // Held too long (the sweeper decides when): expiry goes on.
     for i in 0..8 {
-        store.heartbeat(&format!("web-{i}"), &Heartbeat::default(), T0 + 60_000).await.expect("hb");
+        store.heartbeat(&format!("web-{i}"), &Heartbeat::default(), T0 + 60_000, None).await.expect("hb");
     }
     let report = store.sweep(&policy(), T0 + 62_000, false).await.expect("sweep");
     assert!(!report.self_preservation);
@@ -149,7 +149,7 @@ async fn self_preservation_holds_the_catalog(store: &Store) {
 }
 
 async fn small_fleets_expire_normally(store: &Store) {
-    store.register(&spec("only", "web", 1), T0).await.expect("register");
+    store.register(&spec("only", "web", 1), T0, None).await.expect("register");
     let report = store.sweep_now(&policy(), T0 + 2000).await.expect("sweep");
     assert!(!report.self_preservation, "below the minimum fleet size");
     assert_eq!(report.expired, ["only"]);
@@ -158,24 +158,28 @@ async fn small_fleets_expire_normally(store: &Store) {
 async fn live_agent_owner_blocks_deregistration(store: &Store) {
     let mut owned = spec("web-1", "web", 30);
     owned.node = Some("node-a".into());
-    store.register(&owned, T0).await.expect("register");
+    store.register(&owned, T0, None).await.expect("register");
     let announcement =
         AgentAnnouncement { gossip_addr: "10.0.0.1:7302".into(), http_addr: "10.0.0.1:7301".into(), zone: None, ttl_s: Some(10) };
     let agent = store.announce_agent("node-a", &announcement, T0).await.expect("announce");
     assert!(agent.alive);
-    match store.deregister("web-1", None, T0 + 1000).await.expect("deregister") {
+    match store.deregister("web-1", None, T0 + 1000, None).await.expect("deregister") {
         Deregistered::OwnedByLiveAgent { node, http_addr } => {
             assert_eq!(node, "node-a");
             assert_eq!(http_addr, "10.0.0.1:7301");
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
-    let refused = store.deregister("web-1", Some("node-b"), T0 + 1000).await.expect("deregister");
+    let refused = store.deregister("web-1", Some("node-b"), T0 + 1000, None).await.expect("deregister");
     assert!(matches!(refused, Deregistered::OwnedByLiveAgent { .. }), "another node may not remove it");
-    assert_eq!(store.deregister("web-1", Some("node-a"), T0 + 1000).await.expect("deregister"), Deregistered::Removed, "the owner may");
-    store.register(&owned, T0).await.expect("register");
     assert_eq!(
-        store.deregister("web-1", None, T0 + 11_000).await.expect("deregister"),
+        store.deregister("web-1", Some("node-a"), T0 + 1000, None).await.expect("deregister"),
+        Deregistered::Removed,
+        "the owner may"
+    );
+    store.register(&owned, T0, None).await.expect("register");
+    assert_eq!(
+        store.deregister("web-1", None, T0 + 11_000, None).await.expect("deregister"),
         Deregistered::Removed,
         "the agent's announcement lapsed"
     );
@@ -195,9 +199,9 @@ async fn agents_announce_idempotently(store: &Store) {
 }
 
 async fn catalog_is_ordered_and_indexed(store: &Store) {
-    store.register(&spec("b-2", "beta", 30), T0).await.expect("register");
-    store.register(&spec("a-1", "alpha", 30), T0).await.expect("register");
-    store.register(&spec("b-1", "beta", 30), T0).await.expect("register");
+    store.register(&spec("b-2", "beta", 30), T0, None).await.expect("register");
+    store.register(&spec("a-1", "alpha", 30), T0, None).await.expect("register");
+    store.register(&spec("b-1", "beta", 30), T0, None).await.expect("register");
     let catalog = store.load_catalog(T0).await.expect("catalog");
     let ids: Vec<&str> = catalog.instances.iter().map(|i| i.id.as_str()).collect();
     assert_eq!(ids, ["a-1", "b-1", "b-2"]);
@@ -211,7 +215,7 @@ async fn probe_failure_marks_critical_without_renewing(store: &Store) {
         "check": {"tcp": "10.0.0.2:5432", "interval": "1s", "timeout": "500ms"}
     }))
     .expect("registration");
-    let (before, _) = store.register(&registration.validate().expect("valid"), T0).await.expect("register");
+    let (before, _) = store.register(&registration.validate().expect("valid"), T0, None).await.expect("register");
     let targets = store.probe_targets().await.expect("targets");
     assert_eq!(targets.len(), 1);
     assert_eq!(targets[0].check.tcp.as_deref(), Some("10.0.0.2:5432"));
@@ -226,7 +230,7 @@ async fn concurrent_writes_get_distinct_indexes(store: &Store) {
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..20 {
         let store = store.clone();
-        tasks.spawn(async move { store.register(&spec(&format!("w-{i}"), "web", 30), T0).await.expect("register").0.index });
+        tasks.spawn(async move { store.register(&spec(&format!("w-{i}"), "web", 30), T0, None).await.expect("register").0.index });
     }
     let mut indexes = tasks.join_all().await;
     indexes.sort();

@@ -13,8 +13,10 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use signpost_shared::config::Secret;
 pub use signpost_shared::http::json;
 use signpost_shared::http::{ApiError, Body, raw_query, recover, respond, with_state};
+use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 use warp::http::StatusCode;
 use warp::reply::Response;
@@ -62,6 +64,22 @@ fn body() -> impl Filter<Extract = (Result<Body, ApiError>,), Error = Rejection>
     signpost_shared::http::body(MAX_BODY_BYTES)
 }
 
+/// Checks the `Authorization` header against the API token (none configured: open), in
+/// constant time.
+fn check_api_token(token: Option<&Secret>, header: Option<&str>) -> Result<(), ApiError> {
+    let Some(token) = token else { return Ok(()) };
+    let header = header.ok_or_else(|| ApiError::Unauthorized("this agent's API needs `Authorization: Bearer <api token>`".into()))?;
+    let presented = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .ok_or_else(|| ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into()))?;
+    if bool::from(presented.trim().as_bytes().ct_eq(token.expose().as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden("the token is not this agent's API token".into()))
+    }
+}
+
 /// Every route, with error recovery.
 pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let s = || with_state(state.clone());
@@ -103,6 +121,14 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
     let members = warp::path!("v1" / "agent" / "members").and(warp::get()).and(s()).map(|st| respond(local::members(st)));
     let checks = warp::path!("v1" / "agent" / "checks").and(warp::get()).and(s()).map(|st| respond(local::checks(st)));
     let healthz = warp::path!("healthz").and(warp::get()).map(|| json(StatusCode::OK, &serde_json::json!({"status": "ok"})));
+    // With an API token, every other route first checks it: a refusal answers here, a good
+    // token rejects (not found) so the request goes on to its route.
+    let gate = s().and(warp::header::optional::<String>("authorization")).and_then(|st: State, header: Option<String>| async move {
+        match check_api_token(st.config.api_token.as_ref(), header.as_deref()) {
+            Ok(()) => Err(warp::reject::not_found()),
+            Err(error) => Ok(respond(Err(error))),
+        }
+    });
     let metrics = warp::path!("metrics").and(warp::get()).and(s()).map(|st: State| {
         let snapshot = st.cache.snapshot();
         let text = st.metrics.render(snapshot.instances().count(), snapshot.stale_seconds());
@@ -113,7 +139,11 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
         );
         response
     });
-    services
+    healthz
+        .or(gate)
+        .unify()
+        .or(services)
+        .unify()
         .or(service)
         .unify()
         .or(pick)
@@ -131,8 +161,6 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
         .or(members)
         .unify()
         .or(checks)
-        .unify()
-        .or(healthz)
         .unify()
         .or(metrics)
         .unify()

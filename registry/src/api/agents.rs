@@ -19,8 +19,9 @@ pub async fn announce(
     node: String,
     body: Result<Body, ApiError>,
 ) -> Result<Response, ApiError> {
-    state.auth.check_write(authorization.as_deref())?;
+    state.auth.check_instance_writer(authorization.as_deref())?;
     validate::node_name(&node).map_err(|p| ApiError::bad_request("invalid_node", format!("node: {p}")))?;
+    state.auth.check_node_write(authorization.as_deref(), Some(&node))?;
     let announcement: AgentAnnouncement = body?.json()?;
     announcement.validate()?;
     let info = state.store.announce_agent(&node, &announcement, chrono::Utc::now().timestamp_millis()).await?;
@@ -28,7 +29,8 @@ pub async fn announce(
 }
 
 /// Every known agent.
-pub async fn list(state: Arc<AppState>) -> Result<Response, ApiError> {
+pub async fn list(state: Arc<AppState>, authorization: Option<String>) -> Result<Response, ApiError> {
+    state.auth.check_read(authorization.as_deref())?;
     let snapshot = state.cache.get().await?;
     let page = AgentsPage { index: snapshot.index, agents: snapshot.agents.clone() };
     Ok(with_index(json(StatusCode::OK, &page), snapshot.index))

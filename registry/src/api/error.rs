@@ -7,6 +7,9 @@ use crate::store::StoreError;
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
+        if let StoreError::NotOwner { .. } = error {
+            return ApiError::Forbidden(error.to_string());
+        }
         if error.is_unavailable() { ApiError::Unavailable(error.to_string()) } else { ApiError::Internal(error.to_string()) }
     }
 }

@@ -40,9 +40,10 @@ fn checked_id(id: &str) -> Result<(), ApiError> {
 
 /// Registers or updates an instance: 201 when new, 200 otherwise.
 pub async fn register(state: Arc<AppState>, authorization: Option<String>, body: Result<Body, ApiError>) -> Result<Response, ApiError> {
-    state.auth.check_write(authorization.as_deref())?;
+    state.auth.check_instance_writer(authorization.as_deref())?;
     let spec = body?.json::<Registration>()?.validate()?;
-    let (instance, outcome) = state.store.register(&spec, now_ms()).await?;
+    let caller = state.auth.check_node_write(authorization.as_deref(), spec.node.as_deref())?;
+    let (instance, outcome) = state.store.register(&spec, now_ms(), caller.bound_node()).await?;
     let status = if outcome == Registered::Created { StatusCode::CREATED } else { StatusCode::OK };
     if outcome != Registered::Renewed {
         tracing::info!(instance = %instance.id, service = %instance.service, created = outcome == Registered::Created, "registered");
@@ -51,7 +52,8 @@ pub async fn register(state: Arc<AppState>, authorization: Option<String>, body:
 }
 
 /// One instance, always read from the database.
-pub async fn get(state: Arc<AppState>, id: String) -> Result<Response, ApiError> {
+pub async fn get(state: Arc<AppState>, authorization: Option<String>, id: String) -> Result<Response, ApiError> {
+    state.auth.check_read(authorization.as_deref())?;
     checked_id(&id)?;
     let instance = state.store.instance(&id).await?.ok_or_else(|| ApiError::NotFound(format!("no instance `{id}`")))?;
     Ok(json(StatusCode::OK, &instance))
@@ -64,13 +66,13 @@ pub async fn heartbeat(
     id: String,
     body: Result<Body, ApiError>,
 ) -> Result<Response, ApiError> {
-    state.auth.check_write(authorization.as_deref())?;
+    let caller = state.auth.check_instance_writer(authorization.as_deref())?;
     checked_id(&id)?;
     let heartbeat: Heartbeat = body?.json_or_default()?;
     heartbeat.validate()?;
     let instance = state
         .store
-        .heartbeat(&id, &heartbeat, now_ms())
+        .heartbeat(&id, &heartbeat, now_ms(), caller.bound_node())
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no instance `{id}`; register it again")))?;
     Ok(json(StatusCode::OK, &instance))
@@ -83,7 +85,7 @@ pub async fn maintenance(
     id: String,
     body: Result<Body, ApiError>,
 ) -> Result<Response, ApiError> {
-    state.auth.check_write(authorization.as_deref())?;
+    state.auth.check_admin(authorization.as_deref())?;
     checked_id(&id)?;
     let maintenance: Maintenance = body?.json()?;
     maintenance.validate()?;
@@ -95,10 +97,15 @@ pub async fn maintenance(
 
 /// Deregisters: 204, 404, or 409 when a live agent owns the instance.
 pub async fn deregister(state: Arc<AppState>, authorization: Option<String>, id: String, raw_query: String) -> Result<Response, ApiError> {
-    state.auth.check_write(authorization.as_deref())?;
+    let token = state.auth.check_instance_writer(authorization.as_deref())?;
     checked_id(&id)?;
     let caller = owner_node(&raw_query)?;
-    match state.store.deregister(&id, caller.as_deref(), now_ms()).await? {
+    if let (Some(own), Some(named)) = (token.bound_node(), caller.as_deref())
+        && own != named
+    {
+        return Err(ApiError::Forbidden(format!("this agent token belongs to node `{own}`, not `{named}`")));
+    }
+    match state.store.deregister(&id, caller.as_deref(), now_ms(), token.bound_node()).await? {
         Deregistered::Removed => {
             tracing::info!(instance = %id, "deregistered");
             Ok(warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response())

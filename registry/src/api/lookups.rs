@@ -13,7 +13,8 @@ use super::request::ReadQuery;
 use super::{AppState, block, json, json_bytes, with_index};
 
 /// Every service with its counts by health.
-pub async fn services(state: Arc<AppState>, raw_query: String) -> Result<Response, ApiError> {
+pub async fn services(state: Arc<AppState>, authorization: Option<String>, raw_query: String) -> Result<Response, ApiError> {
+    state.auth.check_read(authorization.as_deref())?;
     let query = ReadQuery::parse(&raw_query, &["index", "wait"])?;
     block(&state, query.index, query.wait).await?;
     let snapshot = state.cache.get().await?;
@@ -23,7 +24,8 @@ pub async fn services(state: Arc<AppState>, raw_query: String) -> Result<Respons
 
 /// The instances of one service, filtered by health, tags and zone. An unknown service is
 /// an empty list, not a 404, so that a client can wait for its first instance.
-pub async fn service(state: Arc<AppState>, name: String, raw_query: String) -> Result<Response, ApiError> {
+pub async fn service(state: Arc<AppState>, authorization: Option<String>, name: String, raw_query: String) -> Result<Response, ApiError> {
+    state.auth.check_read(authorization.as_deref())?;
     validate::dns_label(&name).map_err(|p| ApiError::bad_request("invalid_name", format!("service name: {p}")))?;
     let query = ReadQuery::parse(&raw_query, &["health", "tag", "zone", "index", "wait"])?;
     block(&state, query.index, query.wait).await?;
@@ -39,7 +41,8 @@ pub async fn service(state: Arc<AppState>, name: String, raw_query: String) -> R
 }
 
 /// The whole catalog (instances and agents) with its index.
-pub async fn catalog(state: Arc<AppState>, raw_query: String) -> Result<Response, ApiError> {
+pub async fn catalog(state: Arc<AppState>, authorization: Option<String>, raw_query: String) -> Result<Response, ApiError> {
+    state.auth.check_read(authorization.as_deref())?;
     let query = ReadQuery::parse(&raw_query, &["index", "wait"])?;
     block(&state, query.index, query.wait).await?;
     let snapshot = state.cache.get().await?;

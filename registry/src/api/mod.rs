@@ -88,7 +88,8 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
     let get_instance = warp::path!("v1" / "instances" / String)
         .and(warp::get())
         .and(s())
-        .then(|id, st| async move { respond(instances::get(st, id).await) });
+        .and(authorization())
+        .then(|id, st, auth| async move { respond(instances::get(st, auth, id).await) });
     let deregister = warp::path!("v1" / "instances" / String)
         .and(warp::delete())
         .and(s())
@@ -110,25 +111,32 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
     let services = warp::path!("v1" / "services")
         .and(warp::get())
         .and(s())
+        .and(authorization())
         .and(raw_query())
-        .then(|st, q| async move { respond(lookups::services(st, q).await) });
+        .then(|st, auth, q| async move { respond(lookups::services(st, auth, q).await) });
     let service = warp::path!("v1" / "services" / String)
         .and(warp::get())
         .and(s())
+        .and(authorization())
         .and(raw_query())
-        .then(|name, st, q| async move { respond(lookups::service(st, name, q).await) });
+        .then(|name, st, auth, q| async move { respond(lookups::service(st, auth, name, q).await) });
     let catalog = warp::path!("v1" / "catalog")
         .and(warp::get())
         .and(s())
+        .and(authorization())
         .and(raw_query())
-        .then(|st, q| async move { respond(lookups::catalog(st, q).await) });
+        .then(|st, auth, q| async move { respond(lookups::catalog(st, auth, q).await) });
     let announce = warp::path!("v1" / "agents" / String)
         .and(warp::put())
         .and(s())
         .and(authorization())
         .and(body(state.max_body_bytes))
         .then(|node, st, auth, body| async move { respond(agents::announce(st, auth, node, body).await) });
-    let list_agents = warp::path!("v1" / "agents").and(warp::get()).and(s()).then(|st| async move { respond(agents::list(st).await) });
+    let list_agents = warp::path!("v1" / "agents")
+        .and(warp::get())
+        .and(s())
+        .and(authorization())
+        .then(|st, auth| async move { respond(agents::list(st, auth).await) });
     let healthz = warp::path!("healthz").and(warp::get()).map(ops::healthz);
     // Before the start-up migration, everything but /healthz answers 503; afterwards this
     // rejects, and the request goes on to its route.

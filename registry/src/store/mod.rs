@@ -66,6 +66,16 @@ pub enum StoreError {
     /// A stored value cannot be read back.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A node-bound agent token tried to write an instance of another node.
+    #[error("instance `{id}` belongs to {}; this token may only write instances of node `{owner}`", node.as_deref().map(|n| format!("node `{n}`")).unwrap_or_else(|| "no node".into()))]
+    NotOwner {
+        /// The instance.
+        id: String,
+        /// Its node.
+        node: Option<String>,
+        /// The node the token is bound to.
+        owner: String,
+    },
     /// The migrations failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -331,8 +341,14 @@ impl Store {
     }
 
     /// Registers or updates an instance (upsert by id).
-    pub async fn register(&self, spec: &InstanceSpec, now_ms: i64) -> Result<(Instance, Registered), StoreError> {
+    pub async fn register(&self, spec: &InstanceSpec, now_ms: i64, owner: Option<&str>) -> Result<(Instance, Registered), StoreError> {
         let existing = self.instance_row(&spec.id).await?;
+        let not_owner = |node: Option<String>, owner: &str| StoreError::NotOwner { id: spec.id.clone(), node, owner: owner.to_string() };
+        if let (Some(owner), Some(row)) = (owner, &existing)
+            && row.node.as_deref() != Some(owner)
+        {
+            return Err(not_owner(row.node.clone(), owner));
+        }
         if let Some(row) = &existing
             && row.describes(spec)?
         {
@@ -348,7 +364,7 @@ impl Store {
         let (row, index) = with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             let index: i64 = sqlx::query_scalar(BUMP_INDEX).fetch_one(&mut *tx).await?;
-            let row: InstanceRow = sqlx::query_as(concat!(
+            let row: Option<InstanceRow> = sqlx::query_as(concat!(
                 "INSERT INTO instances (id, service, address, port, tags, meta, weight, zone, health, node, check_spec, \
                  ttl_s, lease_expired, maintenance, change_index, registered_at, updated_at, lease_expires_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, $15, $15, $16) \
@@ -357,6 +373,7 @@ impl Store {
                  zone = excluded.zone, health = COALESCE($17, instances.health), node = excluded.node, check_spec = excluded.check_spec, \
                  ttl_s = excluded.ttl_s, lease_expired = excluded.lease_expired, change_index = excluded.change_index, \
                  updated_at = excluded.updated_at, lease_expires_at = excluded.lease_expires_at \
+                 WHERE $18 IS NULL OR instances.node = $18 \
                  RETURNING ", instance_columns!()))
                 .bind(&spec.id)
                 .bind(&spec.service)
@@ -375,11 +392,19 @@ impl Store {
                 .bind(now_ms)
                 .bind(lease)
                 .bind(spec.health.map(Health::as_str))
-                .fetch_one(&mut *tx)
+                .bind(owner)
+                .fetch_optional(&mut *tx)
                 .await?;
-            tx.commit().await?;
+            // None: another node's agent registered this id since it was read (rolled back).
+            if row.is_some() {
+                tx.commit().await?;
+            }
             (row, index)
         });
+        let Some(row) = row else {
+            let node = self.instance_row(&spec.id).await?.and_then(|r| r.node);
+            return Err(not_owner(node, owner.unwrap_or_default()));
+        };
         self.observe_index(to_u64(index));
         let outcome = if existing.is_some() { Registered::Updated } else { Registered::Created };
         Ok((row.into_instance()?, outcome))
@@ -411,24 +436,36 @@ impl Store {
 
     /// Renews an instance's lease and records what its owner (or the prober) saw. Only a
     /// change of health, or a lease that had lapsed, moves the change index.
-    pub async fn heartbeat(&self, id: &str, heartbeat: &Heartbeat, now_ms: i64) -> Result<Option<Instance>, StoreError> {
+    pub async fn heartbeat(
+        &self,
+        id: &str,
+        heartbeat: &Heartbeat,
+        now_ms: i64,
+        owner: Option<&str>,
+    ) -> Result<Option<Instance>, StoreError> {
         let health = heartbeat.health.map(Health::as_str);
         let fast: Option<InstanceRow> = with_pool!(self, pool => sqlx::query_as(concat!(
             "UPDATE instances SET lease_expires_at = $2 + ttl_s * 1000, output = COALESCE($4, output) \
-             WHERE id = $1 AND NOT lease_expired AND ($3 IS NULL OR health = $3) RETURNING ", instance_columns!()))
+             WHERE id = $1 AND NOT lease_expired AND ($3 IS NULL OR health = $3) AND ($5 IS NULL OR node = $5) RETURNING ", instance_columns!()))
             .bind(id)
             .bind(now_ms)
             .bind(health)
             .bind(&heartbeat.output)
+            .bind(owner)
             .fetch_optional(pool)
             .await)?;
         if let Some(row) = fast {
             return row.into_instance().map(Some);
         }
-        let exists: Option<String> =
-            with_pool!(self, pool => sqlx::query_scalar("SELECT id FROM instances WHERE id = $1").bind(id).fetch_optional(pool).await)?;
-        if exists.is_none() {
+        let exists: Option<(String, Option<String>)> =
+            with_pool!(self, pool => sqlx::query_as("SELECT id, node FROM instances WHERE id = $1").bind(id).fetch_optional(pool).await)?;
+        let Some((_, node)) = exists else {
             return Ok(None); // do not take the index lock for an unknown id
+        };
+        if let Some(owner) = owner
+            && node.as_deref() != Some(owner)
+        {
+            return Err(StoreError::NotOwner { id: id.to_string(), node, owner: owner.to_string() });
         }
         let changed: Option<(InstanceRow, i64)> = with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
@@ -436,13 +473,14 @@ impl Store {
             let row: Option<InstanceRow> = sqlx::query_as(concat!(
                 "UPDATE instances SET lease_expires_at = $2 + ttl_s * 1000, output = COALESCE($4, output), \
                  health = COALESCE($3, health), lease_expired = $5, change_index = $6, updated_at = $2 \
-                 WHERE id = $1 RETURNING ", instance_columns!()))
+                 WHERE id = $1 AND ($7 IS NULL OR node = $7) RETURNING ", instance_columns!()))
                 .bind(id)
                 .bind(now_ms)
                 .bind(health)
                 .bind(&heartbeat.output)
                 .bind(false)
                 .bind(index)
+                .bind(owner)
                 .fetch_optional(&mut *tx)
                 .await?;
             match row {
@@ -535,10 +573,23 @@ impl Store {
 
     /// Deregisters an instance, unless its owner agent is alive (it would register it again)
     /// and is not the caller (`caller_node`, the agent removing its own instance).
-    pub async fn deregister(&self, id: &str, caller_node: Option<&str>, now_ms: i64) -> Result<Deregistered, StoreError> {
+    ///
+    /// `owner`, the node a node-bound agent token speaks for, may only remove its own.
+    pub async fn deregister(
+        &self,
+        id: &str,
+        caller_node: Option<&str>,
+        now_ms: i64,
+        owner: Option<&str>,
+    ) -> Result<Deregistered, StoreError> {
         let Some(row) = self.instance_row(id).await? else {
             return Ok(Deregistered::NotFound);
         };
+        if let Some(owner) = owner
+            && row.node.as_deref() != Some(owner)
+        {
+            return Err(StoreError::NotOwner { id: id.to_string(), node: row.node, owner: owner.to_string() });
+        }
         if let Some(node) = &row.node
             && caller_node != Some(node.as_str())
             && let Some(agent) = self.agent_row(node).await?
@@ -549,7 +600,11 @@ impl Store {
         let removed: Option<i64> = with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             let index: i64 = sqlx::query_scalar(BUMP_INDEX).fetch_one(&mut *tx).await?;
-            let done = sqlx::query("DELETE FROM instances WHERE id = $1").bind(id).execute(&mut *tx).await?;
+            let done = sqlx::query("DELETE FROM instances WHERE id = $1 AND ($2 IS NULL OR node = $2)")
+                .bind(id)
+                .bind(owner)
+                .execute(&mut *tx)
+                .await?;
             if done.rows_affected() == 1 {
                 tx.commit().await?;
                 Some(index)
