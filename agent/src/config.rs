@@ -314,7 +314,8 @@ impl AgentConfig {
         {
             errors.add("api_token", "must be at least 16 characters long");
         }
-        if !self.listen.ip().is_loopback() && !(self.allow_remote_api && self.api_token.is_some()) {
+        let remote_allowed = self.allow_remote_api && self.api_token.is_some();
+        if !(self.listen.ip().is_loopback() || remote_allowed) {
             errors.add(
                 "listen",
                 format!(

@@ -58,6 +58,10 @@ async fn a_host_cut_off_is_dead_to_the_rest_and_rejoins_when_healed() {
             .await;
         agents.push(agent);
     }
+    // Reached beyond loopback, the agents' API wants their token (the harness presents it).
+    let anonymous = reqwest::get(agents[0].at("/v1/services/web")).await.expect("GET").status();
+    assert_eq!(anonymous, reqwest::StatusCode::UNAUTHORIZED, "an agent API beyond loopback must need its token");
+    assert!(reqwest::get(agents[0].at("/healthz")).await.expect("GET").status().is_success());
     let everyone: BTreeSet<String> = (1..=HOSTS).map(id).collect();
     for agent in &agents {
         answers(agent, &everyone, Duration::from_secs(30)).await;
