@@ -1,6 +1,8 @@
 //! Anti-entropy with the registry: follows its catalog feed (a blocking query on the change
 //! index) into the cache, introduces the agents it lists to gossip, and saves the registry's
-//! word to disk (at most once a second) for the next start.
+//! word to disk (at most once a second) for the next start. A blocking query whose wait ends
+//! with no change still carries the whole catalog: that answer is recognised by its index
+//! header and dropped unread, so an idle agent never parses or merges the catalog.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -8,13 +10,60 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::Utc;
+use serde::Deserialize;
 use signpost_shared::client::RegistryClient;
+use signpost_shared::model::Instance;
+use signpost_shared::wire::AgentInfo;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Cache, RegistryView};
 use crate::gossip::Gossip;
 use crate::metrics::Metrics;
 use crate::persist;
+
+/// A `GET /v1/catalog` answer (`signpost_shared::wire::CatalogPage`), read with each
+/// instance straight into the `Arc` the cache keeps, so no second copy of the catalog is made.
+#[derive(Debug, Deserialize)]
+struct FeedPage {
+    index: u64,
+    self_preservation: bool,
+    #[serde(deserialize_with = "shared_instances")]
+    instances: Vec<Arc<Instance>>,
+    agents: Vec<AgentInfo>,
+}
+
+impl From<FeedPage> for RegistryView {
+    fn from(page: FeedPage) -> Self {
+        RegistryView {
+            index: page.index,
+            self_preservation: page.self_preservation,
+            instances: page.instances,
+            agents: page.agents,
+            confirmed_at: Some(Utc::now()),
+        }
+    }
+}
+
+fn shared_instances<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Arc<Instance>>, D::Error> {
+    struct Instances;
+    impl<'de> serde::de::Visitor<'de> for Instances {
+        type Value = Vec<Arc<Instance>>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list of instances")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(65_536));
+            while let Some(instance) = seq.next_element::<Instance>()? {
+                out.push(Arc::new(instance));
+            }
+            Ok(out)
+        }
+    }
+    deserializer.deserialize_seq(Instances)
+}
 
 /// Follows the feed until cancelled.
 pub async fn follow(
@@ -32,15 +81,20 @@ pub async fn follow(
     loop {
         let fetched = tokio::select! {
             _ = shutdown.cancelled() => return,
-            fetched = client.catalog(index, index.map(|_| wait)) => fetched,
+            fetched = client.catalog_changed::<FeedPage>(index, index.map(|_| wait)) => fetched,
         };
         match fetched {
-            Ok(page) => {
+            Ok(answer) => {
                 if failing {
                     tracing::info!(url = %client.current_url(), "the registry answers again");
                     failing = false;
                 }
                 backoff = Duration::from_millis(100);
+                let Some(page) = answer else {
+                    // The wait ended and the catalog is still at `index`.
+                    cache.confirm_registry();
+                    continue;
+                };
                 if index.is_some_and(|i| page.index < i) {
                     tracing::warn!(
                         was = index,
