@@ -10,60 +10,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
-use serde::Deserialize;
 use signpost_shared::client::RegistryClient;
-use signpost_shared::model::Instance;
-use signpost_shared::wire::AgentInfo;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{Cache, RegistryView};
+use crate::cache::Cache;
 use crate::gossip::Gossip;
 use crate::metrics::Metrics;
+use crate::page::PageSeed;
 use crate::persist;
-
-/// A `GET /v1/catalog` answer (`signpost_shared::wire::CatalogPage`), read with each
-/// instance straight into the `Arc` the cache keeps, so no second copy of the catalog is made.
-#[derive(Debug, Deserialize)]
-struct FeedPage {
-    index: u64,
-    self_preservation: bool,
-    #[serde(deserialize_with = "shared_instances")]
-    instances: Vec<Arc<Instance>>,
-    agents: Vec<AgentInfo>,
-}
-
-impl From<FeedPage> for RegistryView {
-    fn from(page: FeedPage) -> Self {
-        RegistryView {
-            index: page.index,
-            self_preservation: page.self_preservation,
-            instances: page.instances,
-            agents: page.agents,
-            confirmed_at: Some(Utc::now()),
-        }
-    }
-}
-
-fn shared_instances<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Arc<Instance>>, D::Error> {
-    struct Instances;
-    impl<'de> serde::de::Visitor<'de> for Instances {
-        type Value = Vec<Arc<Instance>>;
-
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a list of instances")
-        }
-
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(65_536));
-            while let Some(instance) = seq.next_element::<Instance>()? {
-                out.push(Arc::new(instance));
-            }
-            Ok(out)
-        }
-    }
-    deserializer.deserialize_seq(Instances)
-}
 
 /// Follows the feed until cancelled.
 pub async fn follow(
@@ -79,9 +33,13 @@ pub async fn follow(
     let mut backoff = Duration::from_millis(100);
     let mut failing = false;
     loop {
-        let fetched = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            fetched = client.catalog_changed::<FeedPage>(index, index.map(|_| wait)) => fetched,
+        let fetched = {
+            // Unchanged instances of a new page are taken from what the cache holds.
+            let held = cache.registry();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                fetched = client.catalog_changed_seed(index, index.map(|_| wait), PageSeed { held: &held }) => fetched,
+            }
         };
         match fetched {
             Ok(answer) => {
@@ -110,7 +68,7 @@ pub async fn follow(
                         gossip.introduce(addr);
                     }
                 }
-                cache.set_registry_page(RegistryView::from(page));
+                cache.set_registry_page(page);
             }
             Err(e) => {
                 metrics.registry_error();

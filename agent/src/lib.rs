@@ -6,7 +6,8 @@
 //! # Layout
 //! - [`config`]: settings and the command line. [`local`]: the local services and checks.
 //! - [`checks`]: runs HTTP/TCP probes and TTL deadlines. [`sync`]: keeps the registry in step.
-//! - [`gossip`]: the chitchat adapter. [`feed`]: follows the registry's catalog feed.
+//! - [`gossip`]: the chitchat adapter. [`feed`]: follows the registry's catalog feed;
+//!   [`page`] reads its pages into the cache's shared instances.
 //! - [`cache`]: the merge rule and the snapshot lookups read. [`persist`]: the saved cache.
 //! - [`api`]: the local HTTP API. [`metrics`]: Prometheus text.
 
@@ -18,6 +19,7 @@ pub mod feed;
 pub mod gossip;
 pub mod local;
 pub mod metrics;
+pub mod page;
 pub mod persist;
 pub mod sync;
 

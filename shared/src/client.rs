@@ -3,6 +3,7 @@
 //! that could not reach any of them (or got 503) with exponential back-off and jitter.
 //! Every call of the API is idempotent, so a retry never does a thing twice.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, DeserializeSeed};
 use url::Url;
 
 use crate::config::Secret;
@@ -145,8 +146,9 @@ struct Call<'a> {
 struct Answer {
     url: String,
     status: StatusCode,
-    /// The body; `None` when it was at the caller's known index and dropped unread.
-    body: Option<bytes::Bytes>,
+    /// The body as it arrived, in chunks (a multi-MB catalog is never one allocation);
+    /// `None` when it was at the caller's known index and dropped unread.
+    body: Option<Vec<bytes::Bytes>>,
 }
 
 impl RegistryClient {
@@ -224,7 +226,7 @@ impl RegistryClient {
     pub async fn catalog(&self, index: Option<u64>, wait: Option<Duration>) -> Result<CatalogPage, ClientError> {
         let call = self.catalog_call(index, wait, None);
         let answer = self.send(call).await?;
-        decode(&answer.url, &answer.body.unwrap_or_default())
+        decode(&answer.url, &answer.body.unwrap_or_default(), PhantomData)
     }
 
     /// `GET /v1/catalog?index=N&wait=…` for a caller that holds the catalog at `index`:
@@ -233,9 +235,23 @@ impl RegistryClient {
     /// connection without being kept; else the page, decoded as `T` (e.g. [`CatalogPage`]).
     /// With no `index`, always the page.
     pub async fn catalog_changed<T: DeserializeOwned>(&self, index: Option<u64>, wait: Option<Duration>) -> Result<Option<T>, ClientError> {
+        self.catalog_changed_seed(index, wait, PhantomData::<T>).await
+    }
+
+    /// [`RegistryClient::catalog_changed`], decoding the page with `seed` (which may, for
+    /// example, take unchanged instances from the copy the caller already holds).
+    pub async fn catalog_changed_seed<S>(
+        &self,
+        index: Option<u64>,
+        wait: Option<Duration>,
+        seed: S,
+    ) -> Result<Option<S::Value>, ClientError>
+    where
+        S: DeserializeSeed<'static>,
+    {
         let call = self.catalog_call(index, wait, index);
         let answer = self.send(call).await?;
-        answer.body.map(|body| decode(&answer.url, &body)).transpose()
+        answer.body.map(|body| decode(&answer.url, &body, seed)).transpose()
     }
 
     fn catalog_call(&self, index: Option<u64>, wait: Option<Duration>, known_index: Option<u64>) -> Call<'static> {
@@ -272,7 +288,7 @@ impl RegistryClient {
             body.map(serde_json::to_vec).transpose().map_err(|e| ClientError::Build(format!("cannot encode the request body: {e}")))?;
         let call = Call { method, segments, query, body, timeout: self.config.timeout, known_index: None };
         let answer = self.send(call).await?;
-        Ok((answer.status, decode(&answer.url, &answer.body.unwrap_or_default())?))
+        Ok((answer.status, decode(&answer.url, &answer.body.unwrap_or_default(), PhantomData)?))
     }
 
     /// Sends `call`, failing over between URLs and retrying with back-off.
@@ -332,10 +348,14 @@ impl RegistryClient {
             while response.chunk().await.map_err(unreachable)?.is_some() {}
             return Ok(Answer { url: url_text, status, body: None });
         }
-        let bytes = response.bytes().await.map_err(unreachable)?;
         if status.is_success() {
-            return Ok(Answer { url: url_text, status, body: Some(bytes) });
+            let mut chunks = Vec::new();
+            while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
+                chunks.push(chunk);
+            }
+            return Ok(Answer { url: url_text, status, body: Some(chunks) });
         }
+        let bytes = response.bytes().await.map_err(unreachable)?;
         let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| ErrorBody {
             error: "unexpected_answer".into(),
             message: String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned(),
@@ -350,8 +370,37 @@ fn answer_index(response: &reqwest::Response) -> Option<u64> {
     response.headers().get(crate::wire::INDEX_HEADER)?.to_str().ok()?.parse().ok()
 }
 
-fn decode<T: DeserializeOwned>(url: &str, bytes: &[u8]) -> Result<T, ClientError> {
-    serde_json::from_slice(bytes).map_err(|e| ClientError::Decode { url: url.to_string(), reason: e.to_string() })
+fn decode<S: DeserializeSeed<'static>>(url: &str, chunks: &[bytes::Bytes], seed: S) -> Result<S::Value, ClientError> {
+    let failed = |e: serde_json::Error| ClientError::Decode { url: url.to_string(), reason: e.to_string() };
+    let reader = std::io::BufReader::new(Chunks { rest: chunks, at: 0 });
+    let mut deserializer = serde_json::Deserializer::from_reader(reader);
+    let value = seed.deserialize(&mut deserializer).map_err(failed)?;
+    deserializer.end().map_err(failed)?;
+    Ok(value)
+}
+
+/// Reads a body's chunks in order, as if they were one slice.
+struct Chunks<'a> {
+    rest: &'a [bytes::Bytes],
+    /// Bytes of `rest[0]` already read.
+    at: usize,
+}
+
+impl std::io::Read for Chunks<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while let Some((first, later)) = self.rest.split_first() {
+            let left = first.get(self.at..).unwrap_or_default();
+            if !left.is_empty() {
+                let n = left.len().min(buf.len());
+                buf[..n].copy_from_slice(&left[..n]);
+                self.at += n;
+                return Ok(n);
+            }
+            self.rest = later;
+            self.at = 0;
+        }
+        Ok(0)
+    }
 }
 
 #[cfg(test)]
