@@ -1,7 +1,8 @@
 //! The agent's catalog cache: what the registry's feed says, merged with live gossip by the
 //! merge rule (`../shared/DESIGN.md`), kept as one immutable snapshot that lookups read
 //! without waiting. Every change of the merged catalog moves the agent's own index, on
-//! which blocking lookups wait.
+//! which blocking lookups wait. Instances are shared (`Arc`) between the registry's view
+//! and the snapshots, so the catalog is held once, however many snapshots are alive.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock, RwLock};
@@ -23,8 +24,8 @@ pub struct RegistryView {
     pub index: u64,
     /// Whether the registry holds expiry back.
     pub self_preservation: bool,
-    /// Every instance.
-    pub instances: Vec<Instance>,
+    /// Every instance (shared with the snapshots that show it unchanged).
+    pub instances: Vec<Arc<Instance>>,
     /// Every agent.
     pub agents: Vec<AgentInfo>,
     /// When the registry last confirmed it (also across restarts, from the saved cache).
@@ -36,20 +37,24 @@ impl From<CatalogPage> for RegistryView {
         RegistryView {
             index: page.index,
             self_preservation: page.self_preservation,
-            instances: page.instances,
+            instances: page.instances.into_iter().map(Arc::new).collect(),
             agents: page.agents,
             confirmed_at: Some(Utc::now()),
         }
     }
 }
 
+/// The merged catalog: instances by service, each list by id.
+pub type Services = BTreeMap<String, Vec<Arc<Instance>>>;
+
 /// The merged catalog at one agent index.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     /// The agent's own change index.
     pub index: u64,
-    /// Instances by service, each list by id.
-    pub services: BTreeMap<String, Vec<Instance>>,
+    /// Instances by service, each list by id (shared with later snapshots while it does not
+    /// change).
+    pub services: Arc<Services>,
     /// Whether the registry holds expiry back.
     pub self_preservation: bool,
     /// When the registry last confirmed the catalog.
@@ -59,18 +64,18 @@ pub struct Snapshot {
     /// True while the registry's feed answers.
     pub feed_live: bool,
     /// Per service, the body of its default lookup (healthy instances, no filter), built on
-    /// first use and shared by every later lookup of this snapshot.
-    default_answers: HashMap<String, OnceLock<Bytes>>,
+    /// first use and shared by every later lookup at this index.
+    default_answers: Arc<HashMap<String, OnceLock<Bytes>>>,
 }
 
 impl Snapshot {
     /// The instances of one service.
-    pub fn service(&self, name: &str) -> &[Instance] {
+    pub fn service(&self, name: &str) -> &[Arc<Instance>] {
         self.services.get(name).map(Vec::as_slice).unwrap_or_default()
     }
 
     /// The serialized answer of a default lookup of `name` (healthy instances, no filter):
-    /// the hot path serializes once per snapshot, not once per request.
+    /// the hot path serializes once per index, not once per request.
     pub fn default_answer(&self, name: &str) -> Option<Bytes> {
         let cell = self.default_answers.get(name)?;
         Some(
@@ -78,7 +83,7 @@ impl Snapshot {
                 let answer = ServiceInstancesRef {
                     service: name,
                     index: self.index,
-                    instances: self.service(name).iter().filter(|i| i.is_healthy()).collect(),
+                    instances: self.service(name).iter().map(|i| &**i).filter(|i| i.is_healthy()).collect(),
                 };
                 Bytes::from(serde_json::to_vec(&answer).unwrap_or_default())
             })
@@ -88,7 +93,7 @@ impl Snapshot {
 
     /// Every instance.
     pub fn instances(&self) -> impl Iterator<Item = &Instance> {
-        self.services.values().flatten()
+        self.services.values().flatten().map(|i| &**i)
     }
 
     /// Seconds since the registry last confirmed the catalog: 0 while the feed is live (a
@@ -104,19 +109,33 @@ impl Snapshot {
 
 /// `ServiceInstances` borrowing from the snapshot.
 #[derive(Serialize)]
-struct ServiceInstancesRef<'a> {
-    service: &'a str,
-    index: u64,
-    instances: Vec<&'a Instance>,
+pub struct ServiceInstancesRef<'a> {
+    /// The service.
+    pub service: &'a str,
+    /// The agent's index.
+    pub index: u64,
+    /// The instances answered.
+    pub instances: Vec<&'a Instance>,
 }
 
 #[derive(Debug, Default)]
 struct Sources {
-    registry: RegistryView,
+    registry: Arc<RegistryView>,
     feed_live: bool,
     gossip: GossipView,
-    /// When an instance known only from gossip was first seen, so its timestamps are stable.
-    first_seen: HashMap<String, DateTime<Utc>>,
+    /// The instances the last merge made (from gossip, or marked critical for a dead owner),
+    /// by id: the next merge reuses each one it makes again unchanged, and takes the first
+    /// time an instance known only from gossip was seen from it, so its timestamps are stable.
+    made: HashMap<String, Arc<Instance>>,
+}
+
+/// Whether a change of the sources needs the catalog merged again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// What the registry or gossip says changed: merge.
+    Catalog,
+    /// Only the feed's state (live, confirmed) changed: the merged catalog stays.
+    Status,
 }
 
 /// The cache; readers take [`Cache::snapshot`], writers replace one source and re-merge.
@@ -151,32 +170,42 @@ impl Cache {
         self.index.subscribe()
     }
 
-    /// The registry view, for persistence and seeds.
-    pub fn registry(&self) -> RegistryView {
+    /// The registry view, for persistence and seeds (shared, not copied).
+    pub fn registry(&self) -> Arc<RegistryView> {
         self.with_sources(|s| s.registry.clone())
     }
 
     /// Replaces what the registry says (a saved view at start; the feed's pages after).
     pub fn set_registry(&self, view: RegistryView) {
-        self.update(|s| s.registry = view);
+        self.update(Change::Catalog, |s| s.registry = Arc::new(view));
     }
 
     /// Records a page of the registry's feed: the feed is live.
     pub fn set_registry_page(&self, view: RegistryView) {
-        self.update(|s| {
-            s.registry = view;
+        self.update(Change::Catalog, |s| {
+            s.registry = Arc::new(view);
+            s.feed_live = true;
+        });
+    }
+
+    /// Records that the registry's feed answered with the catalog still at the index the
+    /// cache holds (a blocking query whose wait ended): the feed is live and the catalog
+    /// confirmed now; nothing is merged again and the agent's index stays.
+    pub fn confirm_registry(&self) {
+        self.update(Change::Status, |s| {
+            Arc::make_mut(&mut s.registry).confirmed_at = Some(Utc::now());
             s.feed_live = true;
         });
     }
 
     /// Records whether the registry's feed answers.
     pub fn set_feed_live(&self, live: bool) {
-        self.update(|s| s.feed_live = live);
+        self.update(Change::Status, |s| s.feed_live = live);
     }
 
     /// Replaces what gossip says.
     pub fn set_gossip(&self, view: GossipView) {
-        self.update(|s| s.gossip = view);
+        self.update(Change::Catalog, |s| s.gossip = view);
     }
 
     fn with_sources<T>(&self, f: impl FnOnce(&mut Sources) -> T) -> T {
@@ -186,21 +215,38 @@ impl Cache {
         }
     }
 
-    fn update(&self, change: impl FnOnce(&mut Sources)) {
+    fn update(&self, kind: Change, change: impl FnOnce(&mut Sources)) {
         self.with_sources(|sources| {
             change(sources);
-            let merged = merge(&sources.registry, &sources.gossip, &mut sources.first_seen);
             let previous = self.snapshot();
-            let moved = previous.services != merged || previous.self_preservation != sources.registry.self_preservation;
-            let index = if moved { previous.index + 1 } else { previous.index };
+            let self_preservation = sources.registry.self_preservation;
+            let merged = match kind {
+                Change::Catalog => Some(merge(&sources.registry, &sources.gossip, &mut sources.made)),
+                Change::Status => None,
+            };
+            // Shared instances compare by pointer first, so an unchanged catalog costs a
+            // walk, not a deep comparison.
+            let moved = merged.as_ref().is_some_and(|m| *previous.services != *m) || previous.self_preservation != self_preservation;
+            let (index, services, default_answers) = match merged {
+                Some(merged) if moved => {
+                    let answers = merged.keys().map(|k| (k.clone(), OnceLock::new())).collect();
+                    (previous.index + 1, Arc::new(merged), Arc::new(answers))
+                }
+                _ if moved => {
+                    // Only self-preservation moved: the answers carry the index, so new ones.
+                    let answers = previous.services.keys().map(|k| (k.clone(), OnceLock::new())).collect();
+                    (previous.index + 1, previous.services.clone(), Arc::new(answers))
+                }
+                _ => (previous.index, previous.services.clone(), previous.default_answers.clone()),
+            };
             let snapshot = Arc::new(Snapshot {
                 index,
-                self_preservation: sources.registry.self_preservation,
+                services,
+                self_preservation,
                 confirmed_at: sources.registry.confirmed_at,
                 members: sources.gossip.members.clone(),
                 feed_live: sources.feed_live,
-                default_answers: merged.keys().map(|k| (k.clone(), OnceLock::new())).collect(),
-                services: merged,
+                default_answers,
             });
             match self.current.write() {
                 Ok(mut current) => *current = snapshot,
@@ -213,6 +259,15 @@ impl Cache {
     }
 }
 
+/// The instance `built` as `made` last held it when it is the same, so that an unchanged
+/// instance stays one allocation, shared by every snapshot.
+fn reuse(previous: &HashMap<String, Arc<Instance>>, built: Instance) -> Arc<Instance> {
+    match previous.get(&built.id) {
+        Some(made) if **made == built => made.clone(),
+        _ => Arc::new(built),
+    }
+}
+
 /// The merge rule:
 /// - an instance with an owner node that is alive in gossip is described by that node's
 ///   gossip (fresher than the registry); if that node no longer publishes it, it is gone;
@@ -220,66 +275,71 @@ impl Cache {
 /// - an instance whose owner gossip does not know, or with no owner, is the registry's;
 /// - a node may only describe its own instances: a gossip claim on an instance the registry
 ///   gives to another node is ignored.
-pub fn merge(
-    registry: &RegistryView,
-    gossip: &GossipView,
-    first_seen: &mut HashMap<String, DateTime<Utc>>,
-) -> BTreeMap<String, Vec<Instance>> {
-    let mut merged: BTreeMap<String, Instance> = BTreeMap::new();
-    let known: HashMap<&str, &Instance> = registry.instances.iter().map(|i| (i.id.as_str(), i)).collect();
+///
+/// `made` holds the instances the previous merge made (not taken as they are from the
+/// registry) and is replaced by this merge's.
+pub fn merge(registry: &RegistryView, gossip: &GossipView, made: &mut HashMap<String, Arc<Instance>>) -> Services {
+    let mut merged: BTreeMap<&str, Arc<Instance>> = BTreeMap::new();
+    let mut made_now: HashMap<String, Arc<Instance>> = HashMap::new();
+    let known: HashMap<&str, &Instance> = registry.instances.iter().map(|i| (i.id.as_str(), &**i)).collect();
     for instance in &registry.instances {
         match instance.node.as_deref() {
             Some(node) if gossip.live.contains_key(node) => {} // its owner's gossip decides below
             Some(node) if gossip.dead.contains(node) => {
-                let mut dead = instance.clone();
+                let mut dead = Instance::clone(instance);
                 dead.health = Health::Critical;
                 dead.output = Some(format!("agent `{node}` is dead in gossip"));
-                merged.insert(dead.id.clone(), dead);
+                let dead = reuse(made, dead);
+                made_now.insert(instance.id.clone(), dead.clone());
+                merged.insert(instance.id.as_str(), dead);
             }
             _ => {
-                merged.insert(instance.id.clone(), instance.clone());
+                merged.insert(instance.id.as_str(), instance.clone());
             }
         }
     }
     let now = Utc::now();
-    let mut seen_now = HashMap::new();
     for (node, peer) in &gossip.live {
         for (id, published) in &peer.instances {
             let registered = known.get(id.as_str()).copied();
             if registered.is_some_and(|r| r.node.as_deref() != Some(node.as_str())) {
                 continue; // another node's instance
             }
-            let since = registered.map(|r| r.registered_at).unwrap_or_else(|| *first_seen.get(id).unwrap_or(&now));
-            seen_now.insert(id.clone(), since);
-            merged.insert(
-                id.clone(),
-                Instance {
-                    id: id.clone(),
-                    service: published.service.clone(),
-                    address: published.address.clone(),
-                    port: published.port,
-                    tags: published.tags.clone(),
-                    meta: published.meta.clone(),
-                    weight: published.weight,
-                    zone: published.zone.clone(),
-                    health: published.health,
-                    output: published.output.clone(),
-                    maintenance_reason: if published.health == Health::Maintenance { published.output.clone() } else { None },
-                    node: Some(node.clone()),
-                    check: registered.and_then(|r| r.check.clone()),
-                    ttl_s: registered.map(|r| r.ttl_s).unwrap_or(DEFAULT_TTL_S),
-                    index: registered.map(|r| r.index).unwrap_or_default(),
-                    registered_at: since,
-                    updated_at: registered.map(|r| r.updated_at).unwrap_or(since),
-                    lease_expires_at: registered.map(|r| r.lease_expires_at).unwrap_or(since),
-                },
-            );
+            let since = registered.map(|r| r.registered_at).unwrap_or_else(|| made.get(id).map_or(now, |m| m.registered_at));
+            let built = Instance {
+                id: id.clone(),
+                service: published.service.clone(),
+                address: published.address.clone(),
+                port: published.port,
+                tags: published.tags.clone(),
+                meta: published.meta.clone(),
+                weight: published.weight,
+                zone: published.zone.clone(),
+                health: published.health,
+                output: published.output.clone(),
+                maintenance_reason: if published.health == Health::Maintenance { published.output.clone() } else { None },
+                node: Some(node.clone()),
+                check: registered.and_then(|r| r.check.clone()),
+                ttl_s: registered.map(|r| r.ttl_s).unwrap_or(DEFAULT_TTL_S),
+                index: registered.map(|r| r.index).unwrap_or_default(),
+                registered_at: since,
+                updated_at: registered.map(|r| r.updated_at).unwrap_or(since),
+                lease_expires_at: registered.map(|r| r.lease_expires_at).unwrap_or(since),
+            };
+            let instance = reuse(made, built);
+            made_now.insert(id.clone(), instance.clone());
+            merged.insert(id.as_str(), instance);
         }
     }
-    *first_seen = seen_now;
-    let mut services: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
+    *made = made_now;
+    let mut services = Services::new();
     for instance in merged.into_values() {
-        services.entry(instance.service.clone()).or_default().push(instance);
+        match services.get_mut(&instance.service) {
+            Some(list) => list.push(instance),
+            None => {
+                services.insert(instance.service.clone(), vec![instance]);
+            }
+        }
     }
     services
 }
@@ -293,8 +353,8 @@ mod tests {
     use super::*;
     use crate::gossip::Peer;
 
-    fn registered(id: &str, node: Option<&str>) -> Instance {
-        Instance {
+    fn registered(id: &str, node: Option<&str>) -> Arc<Instance> {
+        Arc::new(Instance {
             id: id.into(),
             service: "web".into(),
             address: "10.0.0.1".into(),
@@ -313,7 +373,7 @@ mod tests {
             registered_at: DateTime::from_timestamp_millis(0).unwrap_or_default(),
             updated_at: DateTime::from_timestamp_millis(0).unwrap_or_default(),
             lease_expires_at: DateTime::from_timestamp_millis(0).unwrap_or_default(),
-        }
+        })
     }
 
     fn published(health: Health) -> GossipInstance {
@@ -332,10 +392,14 @@ mod tests {
     }
 
     fn peer(instances: &[(&str, GossipInstance)]) -> Peer {
-        Peer { http: "127.0.0.1:7301".into(), zone: None, instances: instances.iter().map(|(id, i)| (id.to_string(), i.clone())).collect() }
+        Peer {
+            http: "127.0.0.1:7301".into(),
+            zone: None,
+            instances: instances.iter().map(|(id, i)| (id.to_string(), Arc::new(i.clone()))).collect(),
+        }
     }
 
-    fn health_of(services: &BTreeMap<String, Vec<Instance>>, id: &str) -> Option<Health> {
+    fn health_of(services: &Services, id: &str) -> Option<Health> {
         services.values().flatten().find(|i| i.id == id).map(|i| i.health)
     }
 
@@ -399,5 +463,62 @@ mod tests {
         assert_eq!(cache.snapshot().index, first);
         cache.set_registry(RegistryView::default());
         assert_eq!(cache.snapshot().index, first + 1);
+    }
+
+    #[test]
+    fn a_timed_out_feed_page_keeps_the_snapshot_and_the_index() {
+        let cache = Cache::default();
+        cache.set_registry_page(RegistryView { index: 7, instances: vec![registered("a", None)], ..Default::default() });
+        let before = cache.snapshot();
+        let answer = before.default_answer("web").expect("web is known");
+        cache.set_feed_live(false);
+        assert_eq!(cache.snapshot().index, before.index, "the feed's state is not a catalog change");
+        cache.confirm_registry();
+        let after = cache.snapshot();
+        assert_eq!(after.index, before.index, "the agent's index stays");
+        assert!(Arc::ptr_eq(&after.services, &before.services), "the catalog is not merged again");
+        assert_eq!(after.default_answer("web"), Some(answer), "the serialized answers are kept");
+        assert_eq!(after.stale_seconds(), Some(0), "confirmed: the feed is live");
+        assert!(after.confirmed_at >= before.confirmed_at);
+        assert_eq!(cache.registry().index, 7);
+    }
+
+    #[test]
+    fn instances_are_held_once() {
+        let cache = Cache::default();
+        let gossip = |members: usize| GossipView {
+            live: [("n1".to_string(), peer(&[("g", published(Health::Passing))]))].into(),
+            members: (0..members)
+                .map(|i| Member {
+                    node: format!("n{i}"),
+                    gossip_addr: "127.0.0.1:7302".into(),
+                    state: "alive",
+                    http_addr: None,
+                    zone: None,
+                    instances: 1,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        cache.set_registry_page(RegistryView { index: 1, instances: vec![registered("a", None)], ..Default::default() });
+        cache.set_gossip(gossip(1));
+        let first = cache.snapshot();
+        let from_registry = cache.registry().instances[0].clone();
+        let shown = first.instances().find(|i| i.id == "a").expect("a");
+        assert!(std::ptr::eq(shown, &*from_registry), "the snapshot shares the registry's instance");
+        cache.set_gossip(gossip(2));
+        let second = cache.snapshot();
+        assert_eq!(second.index, first.index, "gossip said nothing new about instances");
+        assert!(Arc::ptr_eq(&first.services, &second.services));
+        // A registry page with another index re-merges; unchanged instances stay shared.
+        cache.set_registry_page(RegistryView {
+            index: 2,
+            instances: vec![from_registry.clone(), registered("b", None)],
+            ..Default::default()
+        });
+        let third = cache.snapshot();
+        assert_eq!(third.index, first.index + 1);
+        let g = |s: &Snapshot| s.service("web").iter().find(|i| i.id == "g").cloned().expect("g");
+        assert!(Arc::ptr_eq(&g(&first), &g(&third)), "an instance made from gossip is made once while it does not change");
     }
 }

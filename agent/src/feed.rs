@@ -1,6 +1,8 @@
 //! Anti-entropy with the registry: follows its catalog feed (a blocking query on the change
 //! index) into the cache, introduces the agents it lists to gossip, and saves the registry's
-//! word to disk (at most once a second) for the next start.
+//! word to disk (at most once a second) for the next start. A blocking query whose wait ends
+//! with no change still carries the whole catalog: that answer is recognised by its index
+//! header and dropped unread, so an idle agent never parses or merges the catalog.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -11,9 +13,10 @@ use std::time::Duration;
 use signpost_shared::client::RegistryClient;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{Cache, RegistryView};
+use crate::cache::Cache;
 use crate::gossip::Gossip;
 use crate::metrics::Metrics;
+use crate::page::PageSeed;
 use crate::persist;
 
 /// Follows the feed until cancelled.
@@ -30,17 +33,26 @@ pub async fn follow(
     let mut backoff = Duration::from_millis(100);
     let mut failing = false;
     loop {
-        let fetched = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            fetched = client.catalog(index, index.map(|_| wait)) => fetched,
+        let fetched = {
+            // Unchanged instances of a new page are taken from what the cache holds.
+            let held = cache.registry();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                fetched = client.catalog_changed_seed(index, index.map(|_| wait), PageSeed { held: &held }) => fetched,
+            }
         };
         match fetched {
-            Ok(page) => {
+            Ok(answer) => {
                 if failing {
                     tracing::info!(url = %client.current_url(), "the registry answers again");
                     failing = false;
                 }
                 backoff = Duration::from_millis(100);
+                let Some(page) = answer else {
+                    // The wait ended and the catalog is still at `index`.
+                    cache.confirm_registry();
+                    continue;
+                };
                 if index.is_some_and(|i| page.index < i) {
                     tracing::warn!(
                         was = index,
@@ -56,7 +68,7 @@ pub async fn follow(
                         gossip.introduce(addr);
                     }
                 }
-                cache.set_registry_page(RegistryView::from(page));
+                cache.set_registry_page(page);
             }
             Err(e) => {
                 metrics.registry_error();

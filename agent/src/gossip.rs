@@ -57,8 +57,8 @@ pub struct Peer {
     pub http: String,
     /// Its zone.
     pub zone: Option<String>,
-    /// Its instances, by id.
-    pub instances: BTreeMap<String, GossipInstance>,
+    /// Its instances, by id (each decoded once per version and shared by later views).
+    pub instances: BTreeMap<String, Arc<GossipInstance>>,
 }
 
 /// A member as `GET /v1/agent/members` shows it.
@@ -231,13 +231,14 @@ fn own_peer(config: &GossipConfig, local: &LocalState) -> Peer {
         if let Some(id) = key.strip_prefix(INSTANCE_PREFIX)
             && let Ok(instance) = GossipInstance::decode(id, &value)
         {
-            instances.insert(id.to_string(), instance);
+            instances.insert(id.to_string(), Arc::new(instance));
         }
     }
     Peer { http: config.http_addr.clone(), zone: config.zone.clone(), instances }
 }
 
-fn read_peer(id: &ChitchatId, state: &NodeState, metrics: &Metrics, reported: &mut Reported) -> Option<Peer> {
+fn read_peer(id: &ChitchatId, state: &NodeState, metrics: &Metrics, values: &mut Values) -> Option<Peer> {
+    let reported = &mut values.reported;
     let mut refuse = |key: &str, error: &dyn std::fmt::Display| {
         let version = state.get_versioned(key).map(|v| v.version).unwrap_or_default();
         let seen = (id.node_id.to_string(), key.to_string());
@@ -260,16 +261,27 @@ fn read_peer(id: &ChitchatId, state: &NodeState, metrics: &Metrics, reported: &m
             return None;
         }
     };
+    // What the previous view decoded of this node: a value whose version did not move is
+    // taken from there, not decoded again.
+    let node = (id.node_id.to_string(), id.generation_id);
+    let mut before = values.previous.remove(&node).unwrap_or_default();
+    let mut now = HashMap::new();
     let mut instances = BTreeMap::new();
     for (key, value) in state.iter_prefix(INSTANCE_PREFIX) {
         let instance_id = &key[INSTANCE_PREFIX.len()..];
-        match GossipInstance::decode(instance_id, &value.value) {
-            Ok(instance) => {
-                instances.insert(instance_id.to_string(), instance);
+        let decoded = match before.remove_entry(instance_id) {
+            Some((owned_id, (version, instance))) if version == value.version => Ok((owned_id, instance)),
+            _ => GossipInstance::decode(instance_id, &value.value).map(|i| (instance_id.to_string(), Arc::new(i))),
+        };
+        match decoded {
+            Ok((owned_id, instance)) => {
+                instances.insert(owned_id.clone(), instance.clone());
+                now.insert(owned_id, (value.version, instance));
             }
             Err(e) => refuse(key, &e),
         }
     }
+    values.current.insert(node, now);
     Some(Peer { http: agent.http, zone: agent.zone, instances })
 }
 
@@ -287,10 +299,25 @@ fn member(id: &ChitchatId, state: &'static str, peer: Option<&Peer>) -> Member {
 /// Bad values already reported: (node, key) → the version reported.
 type Reported = HashMap<(String, String), u64>;
 
+/// One node generation's decoded instances: id → (the value's version, the instance).
+type NodeValues = HashMap<String, (u64, Arc<GossipInstance>)>;
+
+/// What reading peers remembers from one view to the next: the values decoded, by node
+/// generation, so that a gossip change costs a decode of what changed, not of every value
+/// of every peer; and the bad values already reported.
+#[derive(Debug, Default)]
+struct Values {
+    /// Decoded by the view being built.
+    current: HashMap<(String, u64), NodeValues>,
+    /// Decoded by the previous view; what this one does not take is dropped with it.
+    previous: HashMap<(String, u64), NodeValues>,
+    reported: Reported,
+}
+
 /// Builds the view from the live nodes' states (a copy the watcher hands out, so no chitchat
 /// lock is held while values are decoded) and the dead nodes. Of two live generations of one
 /// node (a restart, for a round or two), the newer one counts.
-fn build_view(live: &BTreeMap<ChitchatId, NodeState>, dead: &[ChitchatId], metrics: &Metrics, reported: &mut Reported) -> GossipView {
+fn build_view(live: &BTreeMap<ChitchatId, NodeState>, dead: &[ChitchatId], metrics: &Metrics, values: &mut Values) -> GossipView {
     let mut newest: BTreeMap<&str, &ChitchatId> = BTreeMap::new();
     for id in live.keys() {
         let entry = newest.entry(id.node_id.as_ref()).or_insert(id);
@@ -301,7 +328,7 @@ fn build_view(live: &BTreeMap<ChitchatId, NodeState>, dead: &[ChitchatId], metri
     let mut view = GossipView::default();
     for id in newest.values() {
         let Some(state) = live.get(*id) else { continue };
-        if let Some(peer) = read_peer(id, state, metrics, reported) {
+        if let Some(peer) = read_peer(id, state, metrics, values) {
             view.members.push(member(id, "alive", Some(&peer)));
             view.live.insert(id.node_id.to_string(), peer);
         }
@@ -311,8 +338,10 @@ fn build_view(live: &BTreeMap<ChitchatId, NodeState>, dead: &[ChitchatId], metri
             view.members.push(member(id, "dead", None));
         }
     }
-    // Forget reports of values that are gone, so the memory follows the cluster.
-    reported.retain(|(node, key), _| {
+    // Forget what was decoded of nodes and values that are gone, and reports of bad values
+    // that are gone, so the memory follows the cluster.
+    values.previous = std::mem::take(&mut values.current);
+    values.reported.retain(|(node, key), _| {
         live.iter().any(|(id, state)| id.node_id.as_ref() == node && (key == "node id" || state.get(key).is_some()))
     });
     view
@@ -324,7 +353,7 @@ pub async fn run(gossip: Arc<Gossip>, local: Arc<LocalState>, cache: Arc<Cache>,
     let mut peers = gossip.watcher().await;
     // A check may have reported before this task subscribed.
     gossip.publish(&local, None).await;
-    let mut reported = Reported::new();
+    let mut values = Values::default();
     // The dead set does not change a live node's state: read it every few rounds.
     let mut ticker = tokio::time::interval(gossip.config().interval * 2);
     let mut dead: Vec<ChitchatId> = Vec::new();
@@ -334,7 +363,7 @@ pub async fn run(gossip: Arc<Gossip>, local: Arc<LocalState>, cache: Arc<Cache>,
         if stale {
             let mut view = {
                 let live = peers.borrow_and_update();
-                build_view(&live, &dead, &metrics, &mut reported)
+                build_view(&live, &dead, &metrics, &mut values)
             };
             let own = own_peer(gossip.config(), &local);
             view.live.insert(gossip.config().node.clone(), own);
@@ -365,5 +394,65 @@ pub async fn run(gossip: Arc<Gossip>, local: Arc<LocalState>, cache: Arc<Cache>,
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+
+    fn instance(port: u16) -> String {
+        let value = GossipInstance {
+            v: FORMAT_VERSION,
+            service: "web".into(),
+            address: "10.0.0.1".into(),
+            port,
+            tags: vec![],
+            meta: BTreeMap::new(),
+            weight: 100,
+            zone: None,
+            health: Health::Passing,
+            output: None,
+        };
+        gossip::encode(&value).expect("encodes")
+    }
+
+    fn node(name: &str, generation: u64, values: &[(&str, String)]) -> (ChitchatId, NodeState) {
+        let id = ChitchatId::new(name.to_string(), generation, SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7302));
+        let mut state = NodeState::for_test();
+        let agent = AgentValue { v: FORMAT_VERSION, http: "127.0.0.1:7301".into(), zone: None };
+        state.set(AGENT_KEY, gossip::encode(&agent).expect("encodes"));
+        for (key, value) in values {
+            state.set(*key, value);
+        }
+        (id, state)
+    }
+
+    fn web(view: &GossipView, node: &str, id: &str) -> Arc<GossipInstance> {
+        view.live[node].instances.get(id).cloned().expect("the instance is in the view")
+    }
+
+    #[test]
+    fn test_a_value_is_decoded_once_per_version() {
+        let metrics = Metrics::new();
+        let mut values = Values::default();
+        let (id, mut state) = node("n1", 1, &[("inst:a", instance(80)), ("inst:b", instance(81))]);
+        let mut live = BTreeMap::from([(id.clone(), state.clone())]);
+        let first = build_view(&live, &[], &metrics, &mut values);
+        assert_eq!(web(&first, "n1", "a").port, 80);
+
+        state.set("inst:b", instance(82));
+        live.insert(id.clone(), state.clone());
+        let second = build_view(&live, &[], &metrics, &mut values);
+        assert!(Arc::ptr_eq(&web(&first, "n1", "a"), &web(&second, "n1", "a")), "an unchanged value is not decoded again");
+        assert_eq!(web(&second, "n1", "b").port, 82, "a new version is");
+
+        // A restart (a new generation) may reuse version numbers: nothing is taken over.
+        let (restarted, state) = node("n1", 2, &[("inst:a", instance(90))]);
+        let third = build_view(&BTreeMap::from([(restarted, state)]), &[], &metrics, &mut values);
+        assert_eq!(web(&third, "n1", "a").port, 90);
+        assert_eq!(values.previous.len(), 1, "what gone nodes decoded is forgotten");
     }
 }

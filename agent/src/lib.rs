@@ -6,7 +6,8 @@
 //! # Layout
 //! - [`config`]: settings and the command line. [`local`]: the local services and checks.
 //! - [`checks`]: runs HTTP/TCP probes and TTL deadlines. [`sync`]: keeps the registry in step.
-//! - [`gossip`]: the chitchat adapter. [`feed`]: follows the registry's catalog feed.
+//! - [`gossip`]: the chitchat adapter. [`feed`]: follows the registry's catalog feed;
+//!   [`page`] reads its pages into the cache's shared instances.
 //! - [`gossip_transport`]: chitchat's UDP socket, sealed by [`gossip_seal`] with the keys
 //!   of [`gossip_key`].
 //! - [`cache`]: the merge rule and the snapshot lookups read. [`persist`]: the saved cache.
@@ -23,6 +24,7 @@ pub mod gossip_seal;
 pub mod gossip_transport;
 pub mod local;
 pub mod metrics;
+pub mod page;
 pub mod persist;
 pub mod sync;
 

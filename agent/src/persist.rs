@@ -2,10 +2,11 @@
 //! agent answers lookups at once, before the registry or gossip do. The file is
 //! `magic | format version | length | CRC-32 | bincode body`, written to a temporary file,
 //! synced and renamed into place; a file that is corrupt, truncated or of another version is
-//! logged and ignored.
+//! logged and ignored. Saving streams the body from the cache's instances into the file
+//! (the header is written last), so it holds no copy of the catalog.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
@@ -44,9 +45,11 @@ pub enum PersistError {
 }
 
 // bincode is not self-describing: these mirror the model without serde attributes that skip
-// fields, and keep times as milliseconds.
-#[derive(Debug, Serialize, Deserialize)]
+// fields, and keep times as milliseconds. What is written borrows from the cache (`…Ref`);
+// bincode encodes a `&str` as a `String` and a slice as a `Vec`, so both sides read alike.
+#[derive(Debug, Deserialize)]
 struct Saved {
+    #[allow(dead_code)] // written for people reading the file with other tools
     saved_at_ms: i64,
     confirmed_at_ms: Option<i64>,
     self_preservation: bool,
@@ -54,7 +57,55 @@ struct Saved {
     agents: Vec<SavedAgent>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Serialize)]
+struct SavedRef<'a> {
+    saved_at_ms: i64,
+    confirmed_at_ms: Option<i64>,
+    self_preservation: bool,
+    instances: Instances<'a>,
+    agents: Vec<SavedAgentRef<'a>>,
+}
+
+/// The instances, encoded one by one as they are read from the cache.
+struct Instances<'a>(&'a [std::sync::Arc<Instance>]);
+
+impl Serialize for Instances<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|i| SavedInstanceRef::from(&**i)))
+    }
+}
+
+#[derive(Serialize)]
+struct SavedInstanceRef<'a> {
+    id: &'a str,
+    service: &'a str,
+    address: &'a str,
+    port: u16,
+    tags: &'a [String],
+    meta: &'a BTreeMap<String, String>,
+    weight: u32,
+    zone: Option<&'a str>,
+    health: &'a str,
+    output: Option<&'a str>,
+    maintenance_reason: Option<&'a str>,
+    node: Option<&'a str>,
+    check: Option<(Option<&'a str>, Option<&'a str>, u64, u64)>,
+    ttl_s: u32,
+    index: u64,
+    times_ms: (i64, i64, i64),
+}
+
+#[derive(Serialize)]
+struct SavedAgentRef<'a> {
+    node: &'a str,
+    gossip_addr: &'a str,
+    http_addr: &'a str,
+    zone: Option<&'a str>,
+    alive: bool,
+    times_ms: (i64, i64),
+}
+
+#[derive(Debug, Deserialize)]
 struct SavedInstance {
     id: String,
     service: String,
@@ -74,7 +125,7 @@ struct SavedInstance {
     times_ms: (i64, i64, i64),
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Deserialize)]
 struct SavedAgent {
     node: String,
     gossip_addr: String,
@@ -92,22 +143,25 @@ fn time(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
 
-impl From<&Instance> for SavedInstance {
-    fn from(i: &Instance) -> Self {
-        SavedInstance {
-            id: i.id.clone(),
-            service: i.service.clone(),
-            address: i.address.clone(),
+impl<'a> From<&'a Instance> for SavedInstanceRef<'a> {
+    fn from(i: &'a Instance) -> Self {
+        SavedInstanceRef {
+            id: &i.id,
+            service: &i.service,
+            address: &i.address,
             port: i.port,
-            tags: i.tags.clone(),
-            meta: i.meta.clone(),
+            tags: &i.tags,
+            meta: &i.meta,
             weight: i.weight,
-            zone: i.zone.clone(),
-            health: i.health.as_str().to_string(),
-            output: i.output.clone(),
-            maintenance_reason: i.maintenance_reason.clone(),
-            node: i.node.clone(),
-            check: i.check.as_ref().map(|c| (c.http.clone(), c.tcp.clone(), c.interval.as_millis() as u64, c.timeout.as_millis() as u64)),
+            zone: i.zone.as_deref(),
+            health: i.health.as_str(),
+            output: i.output.as_deref(),
+            maintenance_reason: i.maintenance_reason.as_deref(),
+            node: i.node.as_deref(),
+            check: i
+                .check
+                .as_ref()
+                .map(|c| (c.http.as_deref(), c.tcp.as_deref(), c.interval.as_millis() as u64, c.timeout.as_millis() as u64)),
             ttl_s: i.ttl_s,
             index: i.index,
             times_ms: (ms(i.registered_at), ms(i.updated_at), ms(i.lease_expires_at)),
@@ -154,38 +208,41 @@ pub fn path(data_dir: &Path) -> PathBuf {
 /// Writes `view` atomically.
 pub fn save(file: &Path, view: &RegistryView) -> Result<(), PersistError> {
     let io = |source| PersistError::Io { path: file.to_path_buf(), source };
-    let saved = Saved {
+    let saved = SavedRef {
         saved_at_ms: Utc::now().timestamp_millis(),
         confirmed_at_ms: view.confirmed_at.map(ms),
         self_preservation: view.self_preservation,
-        instances: view.instances.iter().map(SavedInstance::from).collect(),
+        instances: Instances(&view.instances),
         agents: view
             .agents
             .iter()
-            .map(|a| SavedAgent {
-                node: a.node.clone(),
-                gossip_addr: a.gossip_addr.clone(),
-                http_addr: a.http_addr.clone(),
-                zone: a.zone.clone(),
+            .map(|a| SavedAgentRef {
+                node: &a.node,
+                gossip_addr: &a.gossip_addr,
+                http_addr: &a.http_addr,
+                zone: a.zone.as_deref(),
                 alive: a.alive,
                 times_ms: (ms(a.updated_at), ms(a.lease_expires_at)),
             })
             .collect(),
     };
-    let body = bincode::serde::encode_to_vec(&saved, bincode::config::standard())
-        .map_err(|e| PersistError::Corrupt { path: file.to_path_buf(), problem: format!("cannot encode: {e}") })?;
-    let mut bytes = Vec::with_capacity(HEADER + body.len());
-    bytes.extend_from_slice(MAGIC);
-    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-    bytes.extend_from_slice(&body);
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
     let temp = file.with_extension("bin.tmp");
-    let mut out = std::fs::File::create(&temp).map_err(io)?;
-    out.write_all(&bytes).map_err(io)?;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&temp).map_err(io)?);
+    // The header's length and checksum are known once the body is written: a placeholder
+    // first, the header at the end.
+    out.write_all(&[0; HEADER]).map_err(io)?;
+    let mut body = BodyWriter { out, length: 0, crc: crc32fast::Hasher::new() };
+    bincode::serde::encode_into_std_write(&saved, &mut body, bincode::config::standard()).map_err(|e| match e {
+        bincode::error::EncodeError::Io { inner, .. } => io(inner),
+        e => PersistError::Corrupt { path: file.to_path_buf(), problem: format!("cannot encode: {e}") },
+    })?;
+    let BodyWriter { out, length, crc } = body;
+    let mut out = out.into_inner().map_err(|e| io(e.into_error()))?;
+    out.seek(SeekFrom::Start(0)).map_err(io)?;
+    out.write_all(&header(length, crc.finalize())).map_err(io)?;
     out.sync_all().map_err(io)?;
     drop(out);
     std::fs::rename(&temp, file).map_err(io)?;
@@ -195,6 +252,35 @@ pub fn save(file: &Path, view: &RegistryView) -> Result<(), PersistError> {
         let _ = dir.sync_all();
     }
     Ok(())
+}
+
+fn header(length: u64, crc: u32) -> [u8; HEADER] {
+    let mut header = [0; HEADER];
+    header[..4].copy_from_slice(MAGIC);
+    header[4..8].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header[8..16].copy_from_slice(&length.to_le_bytes());
+    header[16..20].copy_from_slice(&crc.to_le_bytes());
+    header
+}
+
+/// Writes the body through, counting its bytes and their CRC-32 for the header.
+struct BodyWriter<W> {
+    out: W,
+    length: u64,
+    crc: crc32fast::Hasher,
+}
+
+impl<W: Write> Write for BodyWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let written = self.out.write(buf)?;
+        self.crc.update(&buf[..written]);
+        self.length += written as u64;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }
 
 /// Reads the saved cache; `Ok(None)` when there is none.
@@ -224,7 +310,8 @@ pub fn load(file: &Path) -> Result<Option<RegistryView>, PersistError> {
     }
     let config = bincode::config::standard().with_limit::<MAX_BODY>();
     let (saved, _): (Saved, usize) = bincode::serde::decode_from_slice(body, config).map_err(|e| corrupt(format!("cannot decode: {e}")))?;
-    let instances = saved.instances.into_iter().map(SavedInstance::restore).collect::<Result<Vec<_>, _>>().map_err(corrupt)?;
+    let instances =
+        saved.instances.into_iter().map(|i| i.restore().map(std::sync::Arc::new)).collect::<Result<Vec<_>, _>>().map_err(corrupt)?;
     let agents = saved
         .agents
         .into_iter()
@@ -263,7 +350,7 @@ mod tests {
         RegistryView {
             index: 9,
             self_preservation: false,
-            instances: vec![instance],
+            instances: vec![std::sync::Arc::new(instance)],
             agents: vec![],
             confirmed_at: Some(time(1_700_000_000_000)),
         }

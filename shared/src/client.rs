@@ -3,6 +3,7 @@
 //! that could not reach any of them (or got 503) with exponential back-off and jitter.
 //! Every call of the API is idempotent, so a retry never does a thing twice.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, DeserializeSeed};
 use url::Url;
 
 use crate::config::Secret;
@@ -136,6 +137,18 @@ struct Call<'a> {
     query: Vec<(&'static str, String)>,
     body: Option<Vec<u8>>,
     timeout: Duration,
+    /// A catalog index the caller already holds: a successful answer at this index (its
+    /// `X-Signpost-Index` header) is read off the connection and dropped, not kept.
+    known_index: Option<u64>,
+}
+
+/// What one request got back.
+struct Answer {
+    url: String,
+    status: StatusCode,
+    /// The body as it arrived, in chunks (a multi-MB catalog is never one allocation);
+    /// `None` when it was at the caller's known index and dropped unread.
+    body: Option<Vec<bytes::Bytes>>,
 }
 
 impl RegistryClient {
@@ -183,7 +196,14 @@ impl RegistryClient {
     /// `owner` names the calling agent, which may remove its own instances while it is alive.
     pub async fn deregister(&self, id: &str, owner: Option<&str>) -> Result<(), ClientError> {
         let query = owner.map(|node| vec![("node", node.to_string())]).unwrap_or_default();
-        let call = Call { method: Method::DELETE, segments: &["v1", "instances", id], query, body: None, timeout: self.config.timeout };
+        let call = Call {
+            method: Method::DELETE,
+            segments: &["v1", "instances", id],
+            query,
+            body: None,
+            timeout: self.config.timeout,
+            known_index: None,
+        };
         self.send(call).await.map(|_| ())
     }
 
@@ -204,6 +224,37 @@ impl RegistryClient {
 
     /// `GET /v1/catalog`, blocking until the index passes `index` or `wait` ends.
     pub async fn catalog(&self, index: Option<u64>, wait: Option<Duration>) -> Result<CatalogPage, ClientError> {
+        let call = self.catalog_call(index, wait, None);
+        let answer = self.send(call).await?;
+        decode(&answer.url, &answer.body.unwrap_or_default(), PhantomData)
+    }
+
+    /// `GET /v1/catalog?index=N&wait=…` for a caller that holds the catalog at `index`:
+    /// `None` when the wait ended with the catalog still at that index (the answer's index
+    /// header says so), and then the body, the whole catalog again, is read off the
+    /// connection without being kept; else the page, decoded as `T` (e.g. [`CatalogPage`]).
+    /// With no `index`, always the page.
+    pub async fn catalog_changed<T: DeserializeOwned>(&self, index: Option<u64>, wait: Option<Duration>) -> Result<Option<T>, ClientError> {
+        self.catalog_changed_seed(index, wait, PhantomData::<T>).await
+    }
+
+    /// [`RegistryClient::catalog_changed`], decoding the page with `seed` (which may, for
+    /// example, take unchanged instances from the copy the caller already holds).
+    pub async fn catalog_changed_seed<S>(
+        &self,
+        index: Option<u64>,
+        wait: Option<Duration>,
+        seed: S,
+    ) -> Result<Option<S::Value>, ClientError>
+    where
+        S: DeserializeSeed<'static>,
+    {
+        let call = self.catalog_call(index, wait, index);
+        let answer = self.send(call).await?;
+        answer.body.map(|body| decode(&answer.url, &body, seed)).transpose()
+    }
+
+    fn catalog_call(&self, index: Option<u64>, wait: Option<Duration>, known_index: Option<u64>) -> Call<'static> {
         let mut query = Vec::new();
         if let Some(index) = index {
             query.push(("index", index.to_string()));
@@ -213,9 +264,7 @@ impl RegistryClient {
             query.push(("wait", format!("{}ms", wait.as_millis())));
             timeout += wait;
         }
-        let call = Call { method: Method::GET, segments: &["v1", "catalog"], query, body: None, timeout };
-        let (url, _, bytes) = self.send(call).await?;
-        decode(&url, &bytes)
+        Call { method: Method::GET, segments: &["v1", "catalog"], query, body: None, timeout, known_index }
     }
 
     /// `PUT /v1/agents/{node}`.
@@ -237,13 +286,13 @@ impl RegistryClient {
     ) -> Result<(StatusCode, T), ClientError> {
         let body =
             body.map(serde_json::to_vec).transpose().map_err(|e| ClientError::Build(format!("cannot encode the request body: {e}")))?;
-        let call = Call { method, segments, query, body, timeout: self.config.timeout };
-        let (url, status, bytes) = self.send(call).await?;
-        Ok((status, decode(&url, &bytes)?))
+        let call = Call { method, segments, query, body, timeout: self.config.timeout, known_index: None };
+        let answer = self.send(call).await?;
+        Ok((answer.status, decode(&answer.url, &answer.body.unwrap_or_default(), PhantomData)?))
     }
 
     /// Sends `call`, failing over between URLs and retrying with back-off.
-    async fn send(&self, call: Call<'_>) -> Result<(String, StatusCode, bytes::Bytes), ClientError> {
+    async fn send(&self, call: Call<'_>) -> Result<Answer, ClientError> {
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.config.min_backoff)
             .with_max_delay(self.config.max_backoff)
@@ -253,7 +302,7 @@ impl RegistryClient {
     }
 
     /// One try at every URL, starting with the preferred one.
-    async fn send_once_everywhere(&self, call: &Call<'_>) -> Result<(String, StatusCode, bytes::Bytes), ClientError> {
+    async fn send_once_everywhere(&self, call: &Call<'_>) -> Result<Answer, ClientError> {
         let urls = &self.config.urls;
         let start = self.preferred.load(Ordering::Relaxed);
         let mut last = None;
@@ -274,7 +323,7 @@ impl RegistryClient {
         Err(last.unwrap_or_else(|| ClientError::Build("no registry URL given".into())))
     }
 
-    async fn send_to(&self, base: &Url, call: &Call<'_>) -> Result<(String, StatusCode, bytes::Bytes), ClientError> {
+    async fn send_to(&self, base: &Url, call: &Call<'_>) -> Result<Answer, ClientError> {
         let mut url = base.clone();
         url.path_segments_mut()
             .map_err(|()| ClientError::Build(format!("{base} cannot be a base URL")))?
@@ -292,12 +341,21 @@ impl RegistryClient {
         }
         let url_text = url.to_string();
         let unreachable = |source| ClientError::Unreachable { url: url_text.clone(), source };
-        let response = request.send().await.map_err(unreachable)?;
+        let mut response = request.send().await.map_err(unreachable)?;
         let status = response.status();
-        let bytes = response.bytes().await.map_err(unreachable)?;
-        if status.is_success() {
-            return Ok((url_text, status, bytes));
+        if status.is_success() && call.known_index.is_some() && answer_index(&response) == call.known_index {
+            // Read to the end, a chunk at a time, so that the connection can be used again.
+            while response.chunk().await.map_err(unreachable)?.is_some() {}
+            return Ok(Answer { url: url_text, status, body: None });
         }
+        if status.is_success() {
+            let mut chunks = Vec::new();
+            while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
+                chunks.push(chunk);
+            }
+            return Ok(Answer { url: url_text, status, body: Some(chunks) });
+        }
+        let bytes = response.bytes().await.map_err(unreachable)?;
         let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| ErrorBody {
             error: "unexpected_answer".into(),
             message: String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned(),
@@ -307,6 +365,78 @@ impl RegistryClient {
     }
 }
 
-fn decode<T: DeserializeOwned>(url: &str, bytes: &[u8]) -> Result<T, ClientError> {
-    serde_json::from_slice(bytes).map_err(|e| ClientError::Decode { url: url.to_string(), reason: e.to_string() })
+/// The answer's `X-Signpost-Index` header.
+fn answer_index(response: &reqwest::Response) -> Option<u64> {
+    response.headers().get(crate::wire::INDEX_HEADER)?.to_str().ok()?.parse().ok()
+}
+
+fn decode<S: DeserializeSeed<'static>>(url: &str, chunks: &[bytes::Bytes], seed: S) -> Result<S::Value, ClientError> {
+    let failed = |e: serde_json::Error| ClientError::Decode { url: url.to_string(), reason: e.to_string() };
+    let reader = std::io::BufReader::new(Chunks { rest: chunks, at: 0 });
+    let mut deserializer = serde_json::Deserializer::from_reader(reader);
+    let value = seed.deserialize(&mut deserializer).map_err(failed)?;
+    deserializer.end().map_err(failed)?;
+    Ok(value)
+}
+
+/// Reads a body's chunks in order, as if they were one slice.
+struct Chunks<'a> {
+    rest: &'a [bytes::Bytes],
+    /// Bytes of `rest[0]` already read.
+    at: usize,
+}
+
+impl std::io::Read for Chunks<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while let Some((first, later)) = self.rest.split_first() {
+            let left = first.get(self.at..).unwrap_or_default();
+            if !left.is_empty() {
+                let n = left.len().min(buf.len());
+                buf[..n].copy_from_slice(&left[..n]);
+                self.at += n;
+                return Ok(n);
+            }
+            self.rest = later;
+            self.at = 0;
+        }
+        Ok(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use warp::Filter;
+
+    use super::*;
+    use crate::wire::INDEX_HEADER;
+
+    /// A registry whose catalog stays at index 5. Its answer to a blocking query at 5 (the
+    /// wait ended, nothing changed) is not JSON: a client that read it would fail.
+    async fn registry_at_5() -> RegistryClient {
+        let catalog = warp::path!("v1" / "catalog").and(warp::query::<HashMap<String, String>>()).map(|query: HashMap<String, String>| {
+            let body = match query.get("index").map(String::as_str) {
+                Some("5") => "the whole catalog again".to_string(),
+                _ => serde_json::json!({"index": 5, "self_preservation": false, "instances": [], "agents": []}).to_string(),
+            };
+            warp::reply::with_header(body, INDEX_HEADER, "5")
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = Url::parse(&format!("http://{}", listener.local_addr().expect("addr"))).expect("url");
+        tokio::spawn(warp::serve(catalog).incoming(listener).run());
+        RegistryClient::new(ClientConfig::new(vec![url])).expect("client")
+    }
+
+    #[tokio::test]
+    async fn test_a_catalog_answer_at_the_known_index_is_not_read() {
+        let client = registry_at_5().await;
+        let first: Option<CatalogPage> = client.catalog_changed(None, None).await.expect("first page");
+        assert_eq!(first.map(|p| p.index), Some(5), "with no index, always the page");
+        let later: Option<CatalogPage> = client.catalog_changed(Some(5), Some(Duration::from_millis(10))).await.expect("wait ended");
+        assert_eq!(later, None, "still at 5: nothing to decode");
+        let newer: Result<Option<CatalogPage>, _> = client.catalog_changed(Some(4), Some(Duration::from_millis(10))).await;
+        assert_eq!(newer.expect("moved on").map(|p| p.index), Some(5), "at another index: the page");
+        assert!(client.catalog(Some(5), Some(Duration::from_millis(10))).await.is_err(), "the plain call reads every answer");
+    }
 }

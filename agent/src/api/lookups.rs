@@ -13,7 +13,7 @@ use warp::http::{HeaderName, HeaderValue, StatusCode};
 use warp::reply::Response;
 
 use super::{AgentState, DEFAULT_WAIT, MAX_WAIT, json};
-use crate::cache::Snapshot;
+use crate::cache::{ServiceInstancesRef, Snapshot};
 
 /// Header: the agent's change index (a constant name: not parsed again per request).
 const INDEX: HeaderName = HeaderName::from_static(INDEX_HEADER);
@@ -77,7 +77,7 @@ pub async fn services(state: Arc<AgentState>, raw_query: String) -> Result<Respo
 }
 
 /// True when the service's healthy share is under its protection threshold.
-fn protected(state: &AgentState, name: &str, instances: &[Instance]) -> bool {
+fn protected(state: &AgentState, name: &str, instances: &[Arc<Instance>]) -> bool {
     let Some(threshold) = state.protection.get(name) else { return false };
     if instances.is_empty() {
         return false;
@@ -106,10 +106,10 @@ pub async fn service(state: Arc<AgentState>, name: String, raw_query: String) ->
     let health = if protect { HealthFilter::Any } else { query.health };
     let instances = all
         .iter()
+        .map(|i| &**i)
         .filter(|i| health.accepts(i.health) && i.has_tags(&query.tags) && (query.zone.is_none() || i.zone == query.zone))
-        .cloned()
         .collect();
-    let answer = ServiceInstances { service: name, index: snapshot.index, instances };
+    let answer = ServiceInstancesRef { service: &name, index: snapshot.index, instances };
     let mut response = headers(json(StatusCode::OK, &answer), &snapshot);
     if protect {
         response.headers_mut().insert(PROTECTION_HEADER, HeaderValue::from_static("on"));
@@ -132,7 +132,7 @@ pub fn pick(state: Arc<AgentState>, name: String, raw_query: String) -> Result<R
     let snapshot = state.cache.snapshot();
     let all = snapshot.service(&name);
     let protect = protected(&state, &name, all);
-    let candidates: Vec<&Instance> = all.iter().filter(|i| (protect || i.is_healthy()) && i.has_tags(&query.tags)).collect();
+    let candidates: Vec<&Instance> = all.iter().map(|i| &**i).filter(|i| (protect || i.is_healthy()) && i.has_tags(&query.tags)).collect();
     let own_zone = state.config.zone.as_ref();
     let local: Vec<&Instance> = candidates.iter().copied().filter(|i| own_zone.is_some() && i.zone.as_ref() == own_zone).collect();
     let pool = if local.is_empty() { &candidates } else { &local };
