@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use signpost_shared::client::{ClientConfig, RegistryClient};
+use signpost_shared::http::ServeStats;
 use signpost_shared::model::Health;
 use signpost_shared::wire::AgentAnnouncement;
 use tokio::net::TcpListener;
@@ -134,7 +135,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         local.upsert(spec, &service.checks).map_err(|e| Error::Service(e.to_string()))?;
     }
 
-    let keyring = config.gossip_keyring().map_err(|e| Error::Gossip { addr: config.gossip_listen, reason: e.to_string() })?.map(|k| Arc::new(SharedKeyring::new(k)));
+    let keyring = config
+        .gossip_keyring()
+        .map_err(|e| Error::Gossip { addr: config.gossip_listen, reason: e.to_string() })?
+        .map(|k| Arc::new(SharedKeyring::new(k)));
     match &keyring {
         Some(keys) => tracing::info!(keys = keys.current().len(), "gossip is encrypted and authenticated with the cluster key"),
         None if !config.gossip_listen.ip().is_loopback() => tracing::warn!(
@@ -165,6 +169,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
 
     let mut client_config = ClientConfig::new(config.registry.clone());
     client_config.token = config.token.clone();
+    client_config.ca_file = config.registry_ca_file.clone();
     let client = RegistryClient::new(client_config)?;
     let syncer = Syncer::new(
         client.clone(),
@@ -198,8 +203,15 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     // Tasks that stop with the token; the syncer and gossip are stopped in order on leaving.
     let work = token.child_token();
     let mut tasks: JoinSet<&'static str> = JoinSet::new();
-    let server = warp::serve(api::routes(state)).incoming(listener).graceful(token.clone().cancelled_owned());
-    tasks.spawn(named("http", async move { server.run().await }.instrument(tracing::info_span!("http"))));
+    let server = signpost_shared::http::serve(
+        listener,
+        warp::service(api::routes(state)),
+        None,
+        config.http_limits(),
+        Arc::new(ServeStats::default()),
+        token.clone(),
+    );
+    tasks.spawn(named("http", server.instrument(tracing::info_span!("http"))));
     tasks.spawn(named("checks", checks::run(local.clone(), metrics.clone(), work.clone()).instrument(tracing::info_span!("checks"))));
     tasks.spawn(named(
         "gossip",
