@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use signpost_shared::config::{self, ConfigError, LogFormat, Secret};
+use signpost_shared::http::Limits as HttpLimits;
 use signpost_shared::model::{DEFAULT_TTL_S, DEFAULT_WEIGHT, Registration, host_port};
 use signpost_shared::validate::{self, ValidationErrors};
 use url::Url;
@@ -84,6 +85,23 @@ pub struct AgentConfig {
     /// Longest time to leave cleanly on SIGTERM/SIGINT.
     #[serde(with = "signpost_shared::duration")]
     pub shutdown_grace: Duration,
+    // --- Registry TLS and request limits (HTTP server) ---
+    /// PEM bundle of CA certificates trusted for `https://` registries, besides the
+    /// platform's roots (a private CA).
+    pub registry_ca_file: Option<PathBuf>,
+    /// Most HTTP connections open at once; at the cap new ones wait to be accepted.
+    pub max_connections: usize,
+    /// Largest request line plus headers, in bytes (more: 431).
+    pub max_header_bytes: usize,
+    /// Longest time for a request's headers to arrive (a new connection's included).
+    #[serde(with = "signpost_shared::duration")]
+    pub header_read_timeout: Duration,
+    /// Longest time for a request's body to arrive once its headers are in.
+    #[serde(with = "signpost_shared::duration")]
+    pub body_read_timeout: Duration,
+    /// Longest time a keep-alive connection stays open with nothing to do.
+    #[serde(with = "signpost_shared::duration")]
+    pub idle_timeout: Duration,
 }
 
 /// A local service as configured.
@@ -193,6 +211,12 @@ impl Default for AgentConfig {
             log_format: LogFormat::Human,
             log_level: "info,chitchat=warn".into(),
             shutdown_grace: Duration::from_secs(5),
+            registry_ca_file: None,
+            max_connections: HttpLimits::agent_defaults().max_connections,
+            max_header_bytes: HttpLimits::agent_defaults().max_header_bytes,
+            header_read_timeout: HttpLimits::agent_defaults().header_read_timeout,
+            body_read_timeout: HttpLimits::agent_defaults().body_read_timeout,
+            idle_timeout: HttpLimits::agent_defaults().idle_timeout,
         }
     }
 }
@@ -536,6 +560,32 @@ pub struct Flags {
     #[arg(long, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_grace: Option<String>,
+    // --- Registry TLS and request limits (HTTP server) ---
+    /// PEM bundle of CA certificates trusted for https:// registries, besides the platform's
+    /// roots [default: none, the platform's roots only].
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registry_ca_file: Option<PathBuf>,
+    /// Most HTTP connections open at once; at the cap new ones wait [default: 256].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Largest request line plus headers in bytes; more gets 431 [default: 16384].
+    #[arg(long, value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_header_bytes: Option<usize>,
+    /// Longest time for a request's headers to arrive, also on a new connection [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header_read_timeout: Option<String>,
+    /// Longest time for a request's body to arrive after its headers [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_read_timeout: Option<String>,
+    /// Longest time an idle keep-alive connection stays open [default: 75s].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
 }
 
 /// Loads the configuration from the layers, with `flags` on top; `--service` adds one
@@ -546,7 +596,7 @@ pub fn load(flags: &Flags) -> Result<AgentConfig, ConfigError> {
     if let Some(service) = &flags.service {
         agent.services.push(service_flag(service, flags)?);
     }
-    agent.finish()
+    agent.finish()?.finish_http()
 }
 
 fn service_flag(text: &str, flags: &Flags) -> Result<ServiceConfig, ConfigError> {
@@ -583,6 +633,32 @@ fn service_flag(text: &str, flags: &Flags) -> Result<ServiceConfig, ConfigError>
         zone: None,
         checks,
     })
+}
+
+// === Registry TLS and request limits ===
+
+impl AgentConfig {
+    /// The HTTP server's request limits.
+    pub fn http_limits(&self) -> HttpLimits {
+        HttpLimits {
+            max_connections: self.max_connections,
+            max_header_bytes: self.max_header_bytes,
+            header_read_timeout: self.header_read_timeout,
+            body_read_timeout: self.body_read_timeout,
+            idle_timeout: self.idle_timeout,
+        }
+    }
+
+    /// Checks the limits and that the registry CA file holds certificates.
+    pub fn finish_http(self) -> Result<Self, ConfigError> {
+        if let Some((name, problem)) = self.http_limits().problems().first() {
+            return Err(ConfigError::Rule(format!("{name} {problem}")));
+        }
+        if let Some(path) = &self.registry_ca_file {
+            signpost_shared::client::read_ca_file(path).map_err(|e| ConfigError::Rule(format!("registry_ca_file: {e}")))?;
+        }
+        Ok(self)
+    }
 }
 
 #[cfg(test)]

@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use signpost_shared::client::{ClientConfig, RegistryClient};
+use signpost_shared::http::ServeStats;
 use signpost_shared::model::Health;
 use signpost_shared::wire::AgentAnnouncement;
 use tokio::net::TcpListener;
@@ -170,6 +171,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
 
     let mut client_config = ClientConfig::new(config.registry.clone());
     client_config.token = config.token.clone();
+    client_config.ca_file = config.registry_ca_file.clone();
     let client = RegistryClient::new(client_config)?;
     let syncer = Syncer::new(
         client.clone(),
@@ -203,8 +205,15 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     // Tasks that stop with the token; the syncer and gossip are stopped in order on leaving.
     let work = token.child_token();
     let mut tasks: JoinSet<&'static str> = JoinSet::new();
-    let server = warp::serve(api::routes(state)).incoming(listener).graceful(token.clone().cancelled_owned());
-    tasks.spawn(named("http", async move { server.run().await }.instrument(tracing::info_span!("http"))));
+    let server = signpost_shared::http::serve(
+        listener,
+        warp::service(api::routes(state)),
+        None,
+        config.http_limits(),
+        Arc::new(ServeStats::default()),
+        token.clone(),
+    );
+    tasks.spawn(named("http", server.instrument(tracing::info_span!("http"))));
     tasks.spawn(named("checks", checks::run(local.clone(), metrics.clone(), work.clone()).instrument(tracing::info_span!("checks"))));
     tasks.spawn(named(
         "gossip",

@@ -16,6 +16,7 @@ pub struct RegistryBuilder {
     cwd: Option<PathBuf>,
     listen: Option<u16>,
     ip: Option<std::net::IpAddr>,
+    ca_file: Option<PathBuf>,
 }
 
 impl RegistryBuilder {
@@ -47,6 +48,13 @@ impl RegistryBuilder {
         self
     }
 
+    /// Serves HTTPS with the PEM pair `cert` and `key`; `ca` (PEM) is what its clients
+    /// ([`Registry::client`], [`Registry::http`]) trust.
+    pub fn tls(mut self, cert: &std::path::Path, key: &std::path::Path, ca: &std::path::Path) -> Self {
+        self.ca_file = Some(ca.to_path_buf());
+        self.flag("tls-cert-file", cert.display().to_string()).flag("tls-key-file", key.display().to_string())
+    }
+
     /// Runs the process in `dir` (the default data folder is relative to it).
     pub fn cwd(mut self, dir: PathBuf) -> Self {
         self.cwd = Some(dir);
@@ -68,7 +76,8 @@ impl RegistryBuilder {
         }
         argv.extend(self.args);
         let cwd = self.cwd.unwrap_or_else(|| dir.path().to_path_buf());
-        let mut registry = Registry { child: None, addr: SocketAddr::from(([127, 0, 0, 1], 0)), argv, cwd, runs: 0, dir };
+        let ca_file = self.ca_file;
+        let mut registry = Registry { child: None, addr: SocketAddr::from(([127, 0, 0, 1], 0)), argv, cwd, runs: 0, dir, ca_file };
         registry.spawn().await;
         registry
     }
@@ -84,6 +93,8 @@ pub struct Registry {
     cwd: PathBuf,
     runs: u32,
     dir: tempfile::TempDir,
+    /// The CA its certificate is issued by, when it serves HTTPS.
+    ca_file: Option<PathBuf>,
 }
 
 impl Registry {
@@ -108,21 +119,33 @@ impl Registry {
         self.spawn().await;
     }
 
-    /// `http://addr`.
+    /// `http://addr`, or `https://` when it serves TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca_file.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
-    /// `http://addr/path`.
+    /// `http(s)://addr/path`.
     pub fn at(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}{path}", self.url())
     }
 
     /// A typed client with no retries (tests want to see each answer).
     pub fn client(&self) -> RegistryClient {
         let mut config = ClientConfig::new(vec![self.url().parse().expect("url")]);
         config.retries = 0;
+        config.ca_file = self.ca_file.clone();
         RegistryClient::new(config).expect("client")
+    }
+
+    /// A plain reqwest client that trusts the registry's CA (when it serves TLS).
+    pub fn http(&self) -> reqwest::Client {
+        let mut builder = reqwest::Client::builder();
+        if let Some(ca) = &self.ca_file {
+            let pem = std::fs::read(ca).expect("read the CA file");
+            builder = builder.tls_certs_merge(reqwest::Certificate::from_pem_bundle(&pem).expect("a PEM CA"));
+        }
+        builder.build().expect("client")
     }
 
     /// Everything it logged in its current run.

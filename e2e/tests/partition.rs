@@ -46,7 +46,13 @@ async fn a_host_cut_off_is_dead_to_the_rest_and_rejoins_when_healed() {
         }
     };
     let db = TestDb::create().await;
-    let registry = RegistryBuilder::new(Some(&db.url)).ip(network.data_ip(254)).flag("read-cache-max-age", "200ms").start().await;
+    let registry = RegistryBuilder::new(Some(&db.url))
+        .ip(network.data_ip(254))
+        // Not loopback, and the test network is ours: plain HTTP must be asked for.
+        .arg("--allow-plain-http")
+        .flag("read-cache-max-age", "200ms")
+        .start()
+        .await;
     let mut agents = Vec::new();
     for i in 1..=HOSTS {
         let agent = AgentBuilder::new(&format!("node-{i}"), &[registry.url()])

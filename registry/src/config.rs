@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use signpost_shared::config::{self, ConfigError, LogFormat, Secret};
+use signpost_shared::http::Limits as HttpLimits;
+use signpost_shared::http::tls;
 
 /// Every setting of the registry. Durations are written `500ms`, `2s`, `1m`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,6 +87,29 @@ pub struct RegistryConfig {
     /// Longest time to finish requests in flight and release the leader lock on shutdown.
     #[serde(with = "signpost_shared::duration")]
     pub shutdown_grace: Duration,
+    // --- TLS and request limits (HTTP server) ---
+    /// PEM certificate chain (leaf first) to serve HTTPS with; needs `tls_key_file`. Read
+    /// again when it changes (or on SIGHUP).
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file` (PKCS#8, PKCS#1 or SEC1).
+    pub tls_key_file: Option<PathBuf>,
+    /// Serve plain HTTP on an address that is not loopback (TLS is terminated in front of
+    /// the registry, or the network is trusted). Without TLS and without this, the registry
+    /// only listens on loopback.
+    pub allow_plain_http: bool,
+    /// Most HTTP connections open at once; at the cap new ones wait to be accepted.
+    pub max_connections: usize,
+    /// Largest request line plus headers, in bytes (more: 431).
+    pub max_header_bytes: usize,
+    /// Longest time for a request's headers to arrive (a new connection's included).
+    #[serde(with = "signpost_shared::duration")]
+    pub header_read_timeout: Duration,
+    /// Longest time for a request's body to arrive once its headers are in.
+    #[serde(with = "signpost_shared::duration")]
+    pub body_read_timeout: Duration,
+    /// Longest time a keep-alive connection stays open with nothing to do.
+    #[serde(with = "signpost_shared::duration")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for RegistryConfig {
@@ -118,6 +143,14 @@ impl Default for RegistryConfig {
             db_max_connections: 16,
             db_acquire_timeout: Duration::from_secs(3),
             shutdown_grace: Duration::from_secs(10),
+            tls_cert_file: None,
+            tls_key_file: None,
+            allow_plain_http: false,
+            max_connections: HttpLimits::registry_defaults().max_connections,
+            max_header_bytes: HttpLimits::registry_defaults().max_header_bytes,
+            header_read_timeout: HttpLimits::registry_defaults().header_read_timeout,
+            body_read_timeout: HttpLimits::registry_defaults().body_read_timeout,
+            idle_timeout: HttpLimits::registry_defaults().idle_timeout,
         }
     }
 }
@@ -319,15 +352,120 @@ pub struct Flags {
     #[arg(long, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_grace: Option<String>,
+    // --- TLS and request limits (HTTP server) ---
+    /// PEM certificate chain to serve HTTPS with (needs --tls-key-file); reloaded when the
+    /// file changes or on SIGHUP [default: none, plain HTTP].
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of --tls-cert-file.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Serve plain HTTP on a non-loopback --listen address (TLS terminated in front, or a
+    /// trusted network); without TLS and without this, only loopback addresses are allowed.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_plain_http: bool,
+    /// Most HTTP connections open at once; at the cap new ones wait [default: 1024].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Largest request line plus headers in bytes; more gets 431 [default: 16384].
+    #[arg(long, value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_header_bytes: Option<usize>,
+    /// Longest time for a request's headers to arrive, also on a new connection [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header_read_timeout: Option<String>,
+    /// Longest time for a request's body to arrive after its headers [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_read_timeout: Option<String>,
+    /// Longest time an idle keep-alive connection stays open [default: 75s].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
 }
 
 /// Loads the configuration from the layers, with `flags` on top.
 pub fn load(flags: &Flags) -> Result<RegistryConfig, ConfigError> {
     let figment = config::figment(&RegistryConfig::default(), flags.config.as_deref(), flags)?;
-    config::extract::<RegistryConfig>(&figment)?.finish()
+    config::extract::<RegistryConfig>(&figment)?.finish()?.finish_http()
 }
 
 /// The folder that holds the SQLite file, created if needed.
 pub fn ensure_data_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)
+}
+
+// === TLS and request limits ===
+
+impl RegistryConfig {
+    /// The HTTP server's request limits.
+    pub fn http_limits(&self) -> HttpLimits {
+        HttpLimits {
+            max_connections: self.max_connections,
+            max_header_bytes: self.max_header_bytes,
+            header_read_timeout: self.header_read_timeout,
+            body_read_timeout: self.body_read_timeout,
+            idle_timeout: self.idle_timeout,
+        }
+    }
+
+    /// The TLS files, when TLS is on.
+    pub fn tls_files(&self) -> Option<(&Path, &Path)> {
+        self.tls_cert_file.as_deref().zip(self.tls_key_file.as_deref())
+    }
+
+    /// Checks the TLS and limit settings: both TLS files or neither, a pair that loads, and
+    /// plain HTTP beyond loopback only when `allow_plain_http` says so.
+    pub fn finish_http(self) -> Result<Self, ConfigError> {
+        if let Some((name, problem)) = self.http_limits().problems().first() {
+            return Err(ConfigError::Rule(format!("{name} {problem}")));
+        }
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                tls::load_pair(cert, key).map_err(|e| ConfigError::Rule(format!("tls_cert_file/tls_key_file: {e}")))?;
+            }
+            (None, None) => {
+                if !self.listen.ip().is_loopback() && !self.allow_plain_http {
+                    return Err(ConfigError::Rule(format!(
+                        "listen {} is not a loopback address and TLS is off: set tls_cert_file and tls_key_file \
+                         (--tls-cert-file, --tls-key-file), or allow_plain_http = true (--allow-plain-http) when TLS \
+                         is terminated in front of the registry",
+                        self.listen
+                    )));
+                }
+            }
+            _ => return Err(ConfigError::Rule("set both tls_cert_file and tls_key_file, or neither".into())),
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod http_tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_beyond_loopback_needs_saying_so() {
+        let wide = RegistryConfig { listen: SocketAddr::from(([0, 0, 0, 0], 7300)), ..RegistryConfig::default() };
+        let err = wide.clone().finish_http().expect_err("0.0.0.0 without TLS");
+        assert!(err.to_string().contains("allow_plain_http"), "{err}");
+        assert!(RegistryConfig { allow_plain_http: true, ..wide }.finish_http().is_ok());
+        assert!(RegistryConfig::default().finish_http().is_ok(), "loopback is fine for development");
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_good_ones() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cert = dir.path().join("cert.pem");
+        std::fs::write(&cert, "garbage").expect("write");
+        let half = RegistryConfig { tls_cert_file: Some(cert.clone()), ..RegistryConfig::default() };
+        assert!(half.finish_http().expect_err("no key").to_string().contains("both"));
+        let bad = RegistryConfig { tls_cert_file: Some(cert.clone()), tls_key_file: Some(cert), ..RegistryConfig::default() };
+        assert!(bad.finish_http().expect_err("garbage").to_string().contains("no PEM certificate"));
+    }
 }

@@ -39,6 +39,8 @@ use crate::metrics::Metrics;
 use crate::prober::ProberConfig;
 use crate::snapshot::CatalogCache;
 use crate::store::{Store, StoreError, StoreOptions, SweepPolicy};
+use signpost_shared::http::tls::RELOAD_POLL as TLS_RELOAD_POLL;
+use signpost_shared::http::{ServeStats, ServerTls};
 
 /// Why the registry stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,9 @@ pub enum Error {
     /// A background task ended before shutdown.
     #[error("task `{0}` stopped unexpectedly")]
     TaskDied(&'static str),
+    /// The TLS certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] signpost_shared::http::tls::TlsError),
 }
 
 /// Opens the store of `config`, creating the data folder for the default SQLite file.
@@ -99,12 +104,14 @@ pub async fn migrate(store: &Store, shutdown: &CancellationToken) -> Result<bool
 
 /// Runs the registry until `shutdown` completes, then drains within the grace period.
 pub async fn run(config: RegistryConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let tls = config.tls_files().map(|(cert, key)| ServerTls::load(cert, key)).transpose()?;
     let listener = TcpListener::bind(config.listen).await.map_err(|source| Error::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| Error::Bind { addr: config.listen, source })?;
     let store = open_store(&config)?;
     let token = CancellationToken::new();
     let mut shutdown = std::pin::pin!(shutdown);
     let metrics = Arc::new(Metrics::new());
+    let http_stats = Arc::new(ServeStats::default());
     let state = Arc::new(AppState {
         store: store.clone(),
         cache: CatalogCache::new(store.clone(), config.read_cache_max_age),
@@ -119,8 +126,18 @@ pub async fn run(config: RegistryConfig, shutdown: impl Future<Output = ()>) -> 
     // Serve at once: while the database is not there yet, /healthz answers (the process is
     // alive) and everything else answers 503, rather than leaving connections hanging.
     let mut tasks: JoinSet<&'static str> = JoinSet::new();
-    let server = warp::serve(api::routes(state.clone())).incoming(listener).graceful(token.clone().cancelled_owned());
-    tasks.spawn(async move { server.run().await }.instrument(tracing::info_span!("http")).map_name("http"));
+    let server = signpost_shared::http::serve(
+        listener,
+        warp::service(api::routes(state.clone())),
+        tls.as_ref().map(ServerTls::acceptor),
+        config.http_limits(),
+        http_stats.clone(),
+        token.clone(),
+    );
+    tasks.spawn(server.instrument(tracing::info_span!("http")).map_name("http"));
+    if let Some(tls) = tls {
+        tasks.spawn(tls.watch(TLS_RELOAD_POLL, token.clone()).instrument(tracing::info_span!("tls")).map_name("tls reload"));
+    }
     tracing::debug!(addr = %addr, "accepting connections; waiting for the database and its migrations");
     let migrated = tokio::select! {
         migrated = migrate(&store, &token) => migrated?,
@@ -172,7 +189,12 @@ pub async fn run(config: RegistryConfig, shutdown: impl Future<Output = ()>) -> 
             .instrument(tracing::info_span!("poller"))
             .map_name("poller"),
     );
-    tracing::info!(addr = %addr, database = if store.is_postgres() { "postgres" } else { "sqlite" }, "listening");
+    tracing::info!(
+        addr = %addr,
+        database = if store.is_postgres() { "postgres" } else { "sqlite" },
+        tls = config.tls_files().is_some(),
+        "listening"
+    );
 
     let died = tokio::select! {
         _ = &mut shutdown => None,

@@ -4,6 +4,7 @@
 //! Every call of the API is idempotent, so a retry never does a thing twice.
 
 use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -37,6 +38,9 @@ pub struct ClientConfig {
     pub min_backoff: Duration,
     /// Longest back-off delay.
     pub max_backoff: Duration,
+    /// PEM bundle of CA certificates trusted for `https://` registries besides the
+    /// platform's roots (a private CA). Certificates are always verified.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl ClientConfig {
@@ -50,6 +54,7 @@ impl ClientConfig {
             retries: 3,
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(2),
+            ca_file: None,
         }
     }
 }
@@ -65,8 +70,9 @@ pub enum ClientError {
         /// The error body.
         body: ErrorBody,
     },
-    /// No configured registry could be reached.
-    #[error("no registry reachable (last tried {url}): {source}")]
+    /// No configured registry could be reached (the message carries every cause, e.g. a
+    /// certificate that does not verify).
+    #[error("no registry reachable (last tried {url}): {}", causes(.source))]
     Unreachable {
         /// The last URL tried.
         url: String,
@@ -152,16 +158,21 @@ struct Answer {
 }
 
 impl RegistryClient {
-    /// Builds a client; fails when no URL is given or TLS cannot be set up.
+    /// Builds a client; fails when no URL is given or TLS cannot be set up (the CA file is
+    /// unreadable or holds no certificate).
     pub fn new(config: ClientConfig) -> Result<Self, ClientError> {
         if config.urls.is_empty() {
             return Err(ClientError::Build("no registry URL given".into()));
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| ClientError::Build(e.to_string()))?;
+            // Shorter than the servers' idle limit (75 s by default), so that it is the client
+            // that drops an idle connection, never the server under a request being sent.
+            .pool_idle_timeout(Duration::from_secs(60));
+        if let Some(path) = &config.ca_file {
+            builder = builder.tls_certs_merge(read_ca_file(path)?);
+        }
+        let http = builder.build().map_err(|e| ClientError::Build(causes(&e)))?;
         Ok(RegistryClient { http, config: Arc::new(config), preferred: Arc::new(AtomicUsize::new(0)) })
     }
 
@@ -401,6 +412,33 @@ impl std::io::Read for Chunks<'_> {
         }
         Ok(0)
     }
+}
+
+/// The certificates of a PEM bundle, for the trust roots.
+pub fn read_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, ClientError> {
+    let pem = std::fs::read(path).map_err(|e| ClientError::Build(format!("cannot read the CA file {}: {e}", path.display())))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| ClientError::Build(format!("the CA file {} is not a PEM bundle: {}", path.display(), causes(&e))))?;
+    if certs.is_empty() {
+        return Err(ClientError::Build(format!("the CA file {} holds no PEM certificate", path.display())));
+    }
+    Ok(certs)
+}
+
+/// An error and its causes on one line: reqwest's own message says only "error sending
+/// request"; the reason (refused, timed out, certificate not trusted) is further down.
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let next = cause.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]
