@@ -133,8 +133,7 @@ impl Keyring {
 
     /// Reads and parses a key file.
     pub fn read_file(path: &Path) -> Result<Self, KeyError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| KeyError::File { path: path.display().to_string(), reason: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| KeyError::File { path: path.display().to_string(), reason: e.to_string() })?;
         Keyring::parse_file_text(path, &text)
     }
 

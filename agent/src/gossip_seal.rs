@@ -72,14 +72,8 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every reason, for metrics.
-    pub const ALL: [Refusal; 6] = [
-        Refusal::Truncated,
-        Refusal::Oversized,
-        Refusal::Unauthenticated,
-        Refusal::Stale,
-        Refusal::Replayed,
-        Refusal::Malformed,
-    ];
+    pub const ALL: [Refusal; 6] =
+        [Refusal::Truncated, Refusal::Oversized, Refusal::Unauthenticated, Refusal::Stale, Refusal::Replayed, Refusal::Malformed];
 
     /// The metric label.
     pub fn label(self) -> &'static str {
@@ -170,10 +164,7 @@ impl Opener {
         let tag = Tag::from(tag);
         let xnonce = XNonce::from(nonce);
         // A failed attempt leaves `body` as it was, so the next key sees the ciphertext.
-        let opened = keyring
-            .all()
-            .iter()
-            .any(|cipher| cipher.decrypt_in_place_detached(&xnonce, &self.aad, body, &tag).is_ok());
+        let opened = keyring.all().iter().any(|cipher| cipher.decrypt_in_place_detached(&xnonce, &self.aad, body, &tag).is_ok());
         if !opened {
             return Err(Refusal::Unauthenticated);
         }

@@ -134,7 +134,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         local.upsert(spec, &service.checks).map_err(|e| Error::Service(e.to_string()))?;
     }
 
-    let keyring = config.gossip_keyring().map_err(|e| Error::Gossip { addr: config.gossip_listen, reason: e.to_string() })?.map(|k| Arc::new(SharedKeyring::new(k)));
+    let keyring = config
+        .gossip_keyring()
+        .map_err(|e| Error::Gossip { addr: config.gossip_listen, reason: e.to_string() })?
+        .map(|k| Arc::new(SharedKeyring::new(k)));
     match &keyring {
         Some(keys) => tracing::info!(keys = keys.current().len(), "gossip is encrypted and authenticated with the cluster key"),
         None if !config.gossip_listen.ip().is_loopback() => tracing::warn!(

@@ -93,7 +93,11 @@ impl Metrics {
         let gossip_bytes_sent = Counter::default();
         registry.register("gossip_sent_bytes", "Bytes of gossip datagrams sent", gossip_bytes_sent.clone());
         let gossip_datagrams_received = Counter::default();
-        registry.register("gossip_datagrams_received", "Gossip datagrams received, dropped ones included", gossip_datagrams_received.clone());
+        registry.register(
+            "gossip_datagrams_received",
+            "Gossip datagrams received, dropped ones included",
+            gossip_datagrams_received.clone(),
+        );
         let gossip_bytes_received = Counter::default();
         registry.register("gossip_received_bytes", "Bytes of gossip datagrams received", gossip_bytes_received.clone());
         let gossip_recv_buffer = Gauge::default();
