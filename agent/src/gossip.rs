@@ -238,7 +238,7 @@ fn own_peer(config: &GossipConfig, local: &LocalState) -> Peer {
 }
 
 fn read_peer(id: &ChitchatId, state: &NodeState, metrics: &Metrics, reported: &mut Reported) -> Option<Peer> {
-    let mut refuse = |key: &str, error: &dyn std::fmt::Display| {
+    let refuse = |key: &str, error: &dyn std::fmt::Display| {
         let version = state.get_versioned(key).map(|v| v.version).unwrap_or_default();
         let seen = (id.node_id.to_string(), key.to_string());
         // Logged and counted once per value: a bad value read again on every change is the
@@ -249,28 +249,42 @@ fn read_peer(id: &ChitchatId, state: &NodeState, metrics: &Metrics, reported: &m
             reported.insert(seen, version);
         }
     };
-    if let Err(problem) = signpost_shared::validate::node_name(&id.node_id) {
+    let instances = state.iter_prefix(INSTANCE_PREFIX).map(|(key, value)| (key, value.value.as_str()));
+    peer_from_values(&id.node_id, state.get(AGENT_KEY), instances, refuse)
+}
+
+/// Reads one peer from its node id, its `agent` value and its `inst:{id}` keys with their
+/// values: `None` when the node id is refused or it has no `agent` value yet. A refused value
+/// is passed to `refuse` with its key (`node id` for the id) and skipped. Pure, without
+/// chitchat's types, so that the fuzz target `gossip_value` runs exactly this.
+pub fn peer_from_values<'a>(
+    node_id: &str,
+    agent: Option<&str>,
+    instances: impl IntoIterator<Item = (&'a str, &'a str)>,
+    mut refuse: impl FnMut(&str, &dyn std::fmt::Display),
+) -> Option<Peer> {
+    if let Err(problem) = signpost_shared::validate::node_name(node_id) {
         refuse("node id", &problem);
         return None;
     }
-    let agent = match AgentValue::decode(state.get(AGENT_KEY)?) {
+    let agent = match AgentValue::decode(agent?) {
         Ok(agent) => agent,
         Err(e) => {
             refuse(AGENT_KEY, &e);
             return None;
         }
     };
-    let mut instances = BTreeMap::new();
-    for (key, value) in state.iter_prefix(INSTANCE_PREFIX) {
-        let instance_id = &key[INSTANCE_PREFIX.len()..];
-        match GossipInstance::decode(instance_id, &value.value) {
+    let mut peer = Peer { http: agent.http, zone: agent.zone, instances: BTreeMap::new() };
+    for (key, value) in instances {
+        let Some(instance_id) = key.strip_prefix(INSTANCE_PREFIX) else { continue };
+        match GossipInstance::decode(instance_id, value) {
             Ok(instance) => {
-                instances.insert(instance_id.to_string(), instance);
+                peer.instances.insert(instance_id.to_string(), instance);
             }
             Err(e) => refuse(key, &e),
         }
     }
-    Some(Peer { http: agent.http, zone: agent.zone, instances })
+    Some(peer)
 }
 
 fn member(id: &ChitchatId, state: &'static str, peer: Option<&Peer>) -> Member {

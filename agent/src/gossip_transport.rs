@@ -15,7 +15,7 @@ use chitchat::ChitchatEnvelope;
 use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport};
 use socket2::{Domain, Protocol, Type};
 
-use crate::gossip_key::SharedKeyring;
+use crate::gossip_key::{Keyring, SharedKeyring};
 use crate::gossip_seal::{self, Opener, Refusal, Sealer};
 use crate::metrics::Metrics;
 
@@ -41,8 +41,8 @@ pub struct GossipTransport {
 #[async_trait]
 impl Transport for GossipTransport {
     async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
-        let (socket, granted) = bind(listen_addr, self.recv_buffer)
-            .with_context(|| format!("failed to bind to {listen_addr}/UDP for gossip"))?;
+        let (socket, granted) =
+            bind(listen_addr, self.recv_buffer).with_context(|| format!("failed to bind to {listen_addr}/UDP for gossip"))?;
         self.metrics.gossip_recv_buffer(granted);
         if granted < self.recv_buffer {
             tracing::warn!(
@@ -52,11 +52,9 @@ impl Transport for GossipTransport {
             );
         }
         let mode = match &self.keyring {
-            Some(keyring) => Mode::Sealed {
-                keyring: keyring.clone(),
-                sealer: Sealer::new(&self.cluster_id),
-                opener: Opener::new(&self.cluster_id),
-            },
+            Some(keyring) => {
+                Mode::Sealed { keyring: keyring.clone(), sealer: Sealer::new(&self.cluster_id), opener: Opener::new(&self.cluster_id) }
+            }
             None => Mode::Plain,
         };
         Ok(Box::new(GossipSocket {
@@ -116,18 +114,25 @@ struct GossipSocket {
 
 /// Errors after which the socket still works (e.g. an ICMP error from a peer that left).
 fn is_transient(err: &io::Error) -> bool {
-    matches!(
-        err.kind(),
-        io::ErrorKind::OutOfMemory | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionRefused
-    )
+    matches!(err.kind(), io::ErrorKind::OutOfMemory | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionRefused)
 }
 
 /// Opens one datagram into an envelope.
 fn open(mode: &mut Mode, datagram: &mut [u8]) -> Result<ChitchatEnvelope, Refusal> {
-    let mut bytes: &[u8] = match mode {
-        Mode::Plain if datagram.len() > chitchat::MAX_UDP_DATAGRAM_PAYLOAD_SIZE => return Err(Refusal::Oversized),
-        Mode::Plain => datagram,
-        Mode::Sealed { keyring, opener, .. } => opener.open(&keyring.current(), datagram, gossip_seal::now_ms())?,
+    match mode {
+        Mode::Plain => open_datagram(None, datagram, gossip_seal::now_ms()),
+        Mode::Sealed { keyring, opener, .. } => open_datagram(Some((opener, &keyring.current())), datagram, gossip_seal::now_ms()),
+    }
+}
+
+/// Opens one received datagram into chitchat's envelope at `now_ms`: with `sealed`, it must
+/// open with the keyring first; without, it is a plain envelope. What every datagram from
+/// the network goes through, so the fuzz target `gossip_datagram` calls it.
+pub fn open_datagram(sealed: Option<(&mut Opener, &Keyring)>, datagram: &mut [u8], now_ms: u64) -> Result<ChitchatEnvelope, Refusal> {
+    let mut bytes: &[u8] = match sealed {
+        None if datagram.len() > chitchat::MAX_UDP_DATAGRAM_PAYLOAD_SIZE => return Err(Refusal::Oversized),
+        None => datagram,
+        Some((opener, keyring)) => opener.open(keyring, datagram, now_ms)?,
     };
     ChitchatEnvelope::deserialize(&mut bytes).map_err(|_| Refusal::Malformed)
 }
@@ -202,10 +207,8 @@ mod tests {
         let (socket, granted) = bind(SocketAddr::from(([127, 0, 0, 1], 0)), asked).expect("binds");
         assert!(socket.local_addr().expect("bound").port() > 0);
         // rmem_max caps an unprivileged process; CAP_NET_ADMIN forces past it.
-        let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or(asked);
+        let rmem_max: usize =
+            std::fs::read_to_string("/proc/sys/net/core/rmem_max").ok().and_then(|t| t.trim().parse().ok()).unwrap_or(asked);
         assert!(granted >= asked.min(rmem_max), "granted {granted}, rmem_max {rmem_max}");
         assert!(granted <= asked, "granted {granted}");
     }

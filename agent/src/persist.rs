@@ -154,32 +154,7 @@ pub fn path(data_dir: &Path) -> PathBuf {
 /// Writes `view` atomically.
 pub fn save(file: &Path, view: &RegistryView) -> Result<(), PersistError> {
     let io = |source| PersistError::Io { path: file.to_path_buf(), source };
-    let saved = Saved {
-        saved_at_ms: Utc::now().timestamp_millis(),
-        confirmed_at_ms: view.confirmed_at.map(ms),
-        self_preservation: view.self_preservation,
-        instances: view.instances.iter().map(SavedInstance::from).collect(),
-        agents: view
-            .agents
-            .iter()
-            .map(|a| SavedAgent {
-                node: a.node.clone(),
-                gossip_addr: a.gossip_addr.clone(),
-                http_addr: a.http_addr.clone(),
-                zone: a.zone.clone(),
-                alive: a.alive,
-                times_ms: (ms(a.updated_at), ms(a.lease_expires_at)),
-            })
-            .collect(),
-    };
-    let body = bincode::serde::encode_to_vec(&saved, bincode::config::standard())
-        .map_err(|e| PersistError::Corrupt { path: file.to_path_buf(), problem: format!("cannot encode: {e}") })?;
-    let mut bytes = Vec::with_capacity(HEADER + body.len());
-    bytes.extend_from_slice(MAGIC);
-    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-    bytes.extend_from_slice(&body);
+    let bytes = encode(view, Utc::now()).map_err(|problem| PersistError::Corrupt { path: file.to_path_buf(), problem })?;
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
@@ -204,27 +179,61 @@ pub fn load(file: &Path) -> Result<Option<RegistryView>, PersistError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(PersistError::Io { path: file.to_path_buf(), source }),
     };
-    let corrupt = |problem: String| PersistError::Corrupt { path: file.to_path_buf(), problem };
+    decode(&bytes).map(Some).map_err(|problem| PersistError::Corrupt { path: file.to_path_buf(), problem })
+}
+
+/// The file's bytes for `view`, saved at `saved_at`.
+pub fn encode(view: &RegistryView, saved_at: DateTime<Utc>) -> Result<Vec<u8>, String> {
+    let saved = Saved {
+        saved_at_ms: ms(saved_at),
+        confirmed_at_ms: view.confirmed_at.map(ms),
+        self_preservation: view.self_preservation,
+        instances: view.instances.iter().map(SavedInstance::from).collect(),
+        agents: view
+            .agents
+            .iter()
+            .map(|a| SavedAgent {
+                node: a.node.clone(),
+                gossip_addr: a.gossip_addr.clone(),
+                http_addr: a.http_addr.clone(),
+                zone: a.zone.clone(),
+                alive: a.alive,
+                times_ms: (ms(a.updated_at), ms(a.lease_expires_at)),
+            })
+            .collect(),
+    };
+    let body = bincode::serde::encode_to_vec(&saved, bincode::config::standard()).map_err(|e| format!("cannot encode: {e}"))?;
+    let mut bytes = Vec::with_capacity(HEADER + body.len());
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    bytes.extend_from_slice(&body);
+    Ok(bytes)
+}
+
+/// Reads a saved cache's bytes (the whole file), or says what is wrong with them.
+pub fn decode(bytes: &[u8]) -> Result<RegistryView, String> {
     if bytes.len() < HEADER || &bytes[..4] != MAGIC {
-        return Err(corrupt("not a Signpost cache file".into()));
+        return Err("not a Signpost cache file".into());
     }
     let word = |range: std::ops::Range<usize>| bytes.get(range).unwrap_or_default();
-    let version = u32::from_le_bytes(word(4..8).try_into().map_err(|_| corrupt("short header".into()))?);
+    let version = u32::from_le_bytes(word(4..8).try_into().map_err(|_| "short header".to_string())?);
     if version != FORMAT_VERSION {
-        return Err(corrupt(format!("format version {version}; this agent reads {FORMAT_VERSION}")));
+        return Err(format!("format version {version}; this agent reads {FORMAT_VERSION}"));
     }
-    let length = u64::from_le_bytes(word(8..16).try_into().map_err(|_| corrupt("short header".into()))?) as usize;
-    let crc = u32::from_le_bytes(word(16..20).try_into().map_err(|_| corrupt("short header".into()))?);
+    let length = u64::from_le_bytes(word(8..16).try_into().map_err(|_| "short header".to_string())?) as usize;
+    let crc = u32::from_le_bytes(word(16..20).try_into().map_err(|_| "short header".to_string())?);
     let body = &bytes[HEADER..];
     if length > MAX_BODY || body.len() != length {
-        return Err(corrupt(format!("body is {} bytes, the header says {length}", body.len())));
+        return Err(format!("body is {} bytes, the header says {length}", body.len()));
     }
     if crc32fast::hash(body) != crc {
-        return Err(corrupt("checksum mismatch".into()));
+        return Err("checksum mismatch".into());
     }
     let config = bincode::config::standard().with_limit::<MAX_BODY>();
-    let (saved, _): (Saved, usize) = bincode::serde::decode_from_slice(body, config).map_err(|e| corrupt(format!("cannot decode: {e}")))?;
-    let instances = saved.instances.into_iter().map(SavedInstance::restore).collect::<Result<Vec<_>, _>>().map_err(corrupt)?;
+    let (saved, _): (Saved, usize) = bincode::serde::decode_from_slice(body, config).map_err(|e| format!("cannot decode: {e}"))?;
+    let instances = saved.instances.into_iter().map(SavedInstance::restore).collect::<Result<Vec<_>, _>>()?;
     let agents = saved
         .agents
         .into_iter()
@@ -239,13 +248,13 @@ pub fn load(file: &Path) -> Result<Option<RegistryView>, PersistError> {
         })
         .collect();
     // Index 0: the feed starts with a full fetch.
-    Ok(Some(RegistryView {
+    Ok(RegistryView {
         index: 0,
         self_preservation: saved.self_preservation,
         instances,
         agents,
         confirmed_at: saved.confirmed_at_ms.map(time),
-    }))
+    })
 }
 
 #[cfg(test)]
