@@ -250,17 +250,7 @@ fn read_peer(id: &ChitchatId, state: &NodeState, metrics: &Metrics, values: &mut
             reported.insert(seen, version);
         }
     };
-    if let Err(problem) = signpost_shared::validate::node_name(&id.node_id) {
-        refuse("node id", &problem);
-        return None;
-    }
-    let agent = match AgentValue::decode(state.get(AGENT_KEY)?) {
-        Ok(agent) => agent,
-        Err(e) => {
-            refuse(AGENT_KEY, &e);
-            return None;
-        }
-    };
+    let agent = peer_agent(&id.node_id, state.get(AGENT_KEY), &mut refuse)?;
     // What the previous view decoded of this node: a value whose version did not move is
     // taken from there, not decoded again.
     let node = (id.node_id.to_string(), id.generation_id);
@@ -283,6 +273,46 @@ fn read_peer(id: &ChitchatId, state: &NodeState, metrics: &Metrics, values: &mut
     }
     values.current.insert(node, now);
     Some(Peer { http: agent.http, zone: agent.zone, instances })
+}
+
+/// A peer's node id and `agent` value, checked: `None` when the id is refused or there is no
+/// valid `agent` value (yet). A refusal goes to `refuse` with its key (`node id` for the id).
+fn peer_agent(node_id: &str, agent: Option<&str>, refuse: &mut impl FnMut(&str, &dyn std::fmt::Display)) -> Option<AgentValue> {
+    if let Err(problem) = signpost_shared::validate::node_name(node_id) {
+        refuse("node id", &problem);
+        return None;
+    }
+    match AgentValue::decode(agent?) {
+        Ok(agent) => Some(agent),
+        Err(e) => {
+            refuse(AGENT_KEY, &e);
+            None
+        }
+    }
+}
+
+/// Reads one peer from its node id, its `agent` value and its `inst:{id}` keys with their
+/// values, as [`read_peer`] does without its decode cache: `None` when the node id is refused
+/// or it has no `agent` value yet; a refused value goes to `refuse` with its key and is
+/// skipped. Pure, without chitchat's types, so that the fuzz target `gossip_value` runs it.
+pub fn peer_from_values<'a>(
+    node_id: &str,
+    agent: Option<&str>,
+    instances: impl IntoIterator<Item = (&'a str, &'a str)>,
+    mut refuse: impl FnMut(&str, &dyn std::fmt::Display),
+) -> Option<Peer> {
+    let agent = peer_agent(node_id, agent, &mut refuse)?;
+    let mut peer = Peer { http: agent.http, zone: agent.zone, instances: BTreeMap::new() };
+    for (key, value) in instances {
+        let Some(instance_id) = key.strip_prefix(INSTANCE_PREFIX) else { continue };
+        match GossipInstance::decode(instance_id, value) {
+            Ok(instance) => {
+                peer.instances.insert(instance_id.to_string(), Arc::new(instance));
+            }
+            Err(e) => refuse(key, &e),
+        }
+    }
+    Some(peer)
 }
 
 fn member(id: &ChitchatId, state: &'static str, peer: Option<&Peer>) -> Member {

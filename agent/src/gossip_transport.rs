@@ -15,7 +15,7 @@ use chitchat::ChitchatEnvelope;
 use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport};
 use socket2::{Domain, Protocol, Type};
 
-use crate::gossip_key::SharedKeyring;
+use crate::gossip_key::{Keyring, SharedKeyring};
 use crate::gossip_seal::{self, Opener, Refusal, Sealer};
 use crate::metrics::Metrics;
 
@@ -119,10 +119,20 @@ fn is_transient(err: &io::Error) -> bool {
 
 /// Opens one datagram into an envelope.
 fn open(mode: &mut Mode, datagram: &mut [u8]) -> Result<ChitchatEnvelope, Refusal> {
-    let mut bytes: &[u8] = match mode {
-        Mode::Plain if datagram.len() > chitchat::MAX_UDP_DATAGRAM_PAYLOAD_SIZE => return Err(Refusal::Oversized),
-        Mode::Plain => datagram,
-        Mode::Sealed { keyring, opener, .. } => opener.open(&keyring.current(), datagram, gossip_seal::now_ms())?,
+    match mode {
+        Mode::Plain => open_datagram(None, datagram, gossip_seal::now_ms()),
+        Mode::Sealed { keyring, opener, .. } => open_datagram(Some((opener, &keyring.current())), datagram, gossip_seal::now_ms()),
+    }
+}
+
+/// Opens one received datagram into chitchat's envelope at `now_ms`: with `sealed`, it must
+/// open with the keyring first; without, it is a plain envelope. What every datagram from
+/// the network goes through, so the fuzz target `gossip_datagram` calls it.
+pub fn open_datagram(sealed: Option<(&mut Opener, &Keyring)>, datagram: &mut [u8], now_ms: u64) -> Result<ChitchatEnvelope, Refusal> {
+    let mut bytes: &[u8] = match sealed {
+        None if datagram.len() > chitchat::MAX_UDP_DATAGRAM_PAYLOAD_SIZE => return Err(Refusal::Oversized),
+        None => datagram,
+        Some((opener, keyring)) => opener.open(keyring, datagram, now_ms)?,
     };
     ChitchatEnvelope::deserialize(&mut bytes).map_err(|_| Refusal::Malformed)
 }

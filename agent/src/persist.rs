@@ -205,11 +205,10 @@ pub fn path(data_dir: &Path) -> PathBuf {
     data_dir.join("catalog-cache.bin")
 }
 
-/// Writes `view` atomically.
-pub fn save(file: &Path, view: &RegistryView) -> Result<(), PersistError> {
-    let io = |source| PersistError::Io { path: file.to_path_buf(), source };
-    let saved = SavedRef {
-        saved_at_ms: Utc::now().timestamp_millis(),
+/// What is saved of `view`, borrowing from it.
+fn saved_ref(view: &RegistryView, saved_at_ms: i64) -> SavedRef<'_> {
+    SavedRef {
+        saved_at_ms,
         confirmed_at_ms: view.confirmed_at.map(ms),
         self_preservation: view.self_preservation,
         instances: Instances(&view.instances),
@@ -225,7 +224,13 @@ pub fn save(file: &Path, view: &RegistryView) -> Result<(), PersistError> {
                 times_ms: (ms(a.updated_at), ms(a.lease_expires_at)),
             })
             .collect(),
-    };
+    }
+}
+
+/// Writes `view` atomically.
+pub fn save(file: &Path, view: &RegistryView) -> Result<(), PersistError> {
+    let io = |source| PersistError::Io { path: file.to_path_buf(), source };
+    let saved = saved_ref(view, Utc::now().timestamp_millis());
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
@@ -290,28 +295,41 @@ pub fn load(file: &Path) -> Result<Option<RegistryView>, PersistError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(PersistError::Io { path: file.to_path_buf(), source }),
     };
-    let corrupt = |problem: String| PersistError::Corrupt { path: file.to_path_buf(), problem };
+    decode(&bytes).map(Some).map_err(|problem| PersistError::Corrupt { path: file.to_path_buf(), problem })
+}
+
+/// The file's bytes for `view`, saved at `saved_at` (what `save` writes, in memory).
+pub fn encode(view: &RegistryView, saved_at: DateTime<Utc>) -> Result<Vec<u8>, String> {
+    let body = bincode::serde::encode_to_vec(saved_ref(view, ms(saved_at)), bincode::config::standard())
+        .map_err(|e| format!("cannot encode: {e}"))?;
+    let mut bytes = Vec::with_capacity(HEADER + body.len());
+    bytes.extend_from_slice(&header(body.len() as u64, crc32fast::hash(&body)));
+    bytes.extend_from_slice(&body);
+    Ok(bytes)
+}
+
+/// Reads a saved cache's bytes (the whole file), or says what is wrong with them.
+pub fn decode(bytes: &[u8]) -> Result<RegistryView, String> {
     if bytes.len() < HEADER || &bytes[..4] != MAGIC {
-        return Err(corrupt("not a Signpost cache file".into()));
+        return Err("not a Signpost cache file".into());
     }
     let word = |range: std::ops::Range<usize>| bytes.get(range).unwrap_or_default();
-    let version = u32::from_le_bytes(word(4..8).try_into().map_err(|_| corrupt("short header".into()))?);
+    let version = u32::from_le_bytes(word(4..8).try_into().map_err(|_| "short header".to_string())?);
     if version != FORMAT_VERSION {
-        return Err(corrupt(format!("format version {version}; this agent reads {FORMAT_VERSION}")));
+        return Err(format!("format version {version}; this agent reads {FORMAT_VERSION}"));
     }
-    let length = u64::from_le_bytes(word(8..16).try_into().map_err(|_| corrupt("short header".into()))?) as usize;
-    let crc = u32::from_le_bytes(word(16..20).try_into().map_err(|_| corrupt("short header".into()))?);
+    let length = u64::from_le_bytes(word(8..16).try_into().map_err(|_| "short header".to_string())?) as usize;
+    let crc = u32::from_le_bytes(word(16..20).try_into().map_err(|_| "short header".to_string())?);
     let body = &bytes[HEADER..];
     if length > MAX_BODY || body.len() != length {
-        return Err(corrupt(format!("body is {} bytes, the header says {length}", body.len())));
+        return Err(format!("body is {} bytes, the header says {length}", body.len()));
     }
     if crc32fast::hash(body) != crc {
-        return Err(corrupt("checksum mismatch".into()));
+        return Err("checksum mismatch".into());
     }
     let config = bincode::config::standard().with_limit::<MAX_BODY>();
-    let (saved, _): (Saved, usize) = bincode::serde::decode_from_slice(body, config).map_err(|e| corrupt(format!("cannot decode: {e}")))?;
-    let instances =
-        saved.instances.into_iter().map(|i| i.restore().map(std::sync::Arc::new)).collect::<Result<Vec<_>, _>>().map_err(corrupt)?;
+    let (saved, _): (Saved, usize) = bincode::serde::decode_from_slice(body, config).map_err(|e| format!("cannot decode: {e}"))?;
+    let instances = saved.instances.into_iter().map(|i| i.restore().map(std::sync::Arc::new)).collect::<Result<Vec<_>, _>>()?;
     let agents = saved
         .agents
         .into_iter()
@@ -326,13 +344,13 @@ pub fn load(file: &Path) -> Result<Option<RegistryView>, PersistError> {
         })
         .collect();
     // Index 0: the feed starts with a full fetch.
-    Ok(Some(RegistryView {
+    Ok(RegistryView {
         index: 0,
         self_preservation: saved.self_preservation,
         instances,
         agents,
         confirmed_at: saved.confirmed_at_ms.map(time),
-    }))
+    })
 }
 
 #[cfg(test)]

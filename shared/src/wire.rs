@@ -49,7 +49,8 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, BodyError> {
             if inner.is_syntax() || inner.is_eof() {
                 return Err(BodyError::Malformed(inner.to_string()));
             }
-            let field = if path == "." { "body".to_string() } else { path };
+            // The root is "."; an empty key (`{"": 1}`) would make an empty field name.
+            let field = if path == "." || path.is_empty() { "body".to_string() } else { path };
             // serde's message ends with " at line 1 column 9"; the field already says where.
             let message = inner.to_string();
             let problem = message.split(" at line ").next().unwrap_or(&message).to_string();
@@ -236,6 +237,17 @@ mod tests {
         assert!(matches!(missing, Err(BodyError::Invalid(e)) if e.0[0].problem.contains("port")));
         let unknown = parse_json::<Registration>(br#"{"id":"a","service":"web","address":"x","port":1,"colour":1}"#);
         assert!(matches!(unknown, Err(BodyError::Invalid(e)) if e.0[0].problem.contains("colour")));
+    }
+
+    #[test]
+    fn an_empty_unknown_key_is_named_as_the_body() {
+        // Found by the fuzz target `api_bodies`: the problem's field was "".
+        for body in [&br#"{"": 1}"#[..], br#"{"health": "passing", "": null}"#] {
+            match parse_json::<Heartbeat>(body) {
+                Err(BodyError::Invalid(errors)) => assert_eq!(errors.0[0].field, "body", "{errors:?}"),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
     }
 
     #[test]

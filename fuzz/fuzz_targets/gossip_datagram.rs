@@ -1,0 +1,4 @@
+//! Fuzz target `gossip_datagram`: the body is `signpost_fuzz::gossip_datagram` (src/lib.rs), which says what it asserts.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| signpost_fuzz::gossip_datagram(data));
