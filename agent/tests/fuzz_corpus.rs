@@ -70,7 +70,7 @@ fn sample_view() -> RegistryView {
     RegistryView {
         index: 42,
         self_preservation: false,
-        instances: vec![web, db],
+        instances: vec![web.into(), db.into()],
         agents: vec![AgentInfo {
             node: "node-1".into(),
             gossip_addr: "10.0.0.1:7946".into(),

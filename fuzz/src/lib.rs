@@ -179,7 +179,7 @@ pub fn gossip_value(data: &[u8]) {
             let text = signpost_shared::gossip::encode(&instance).expect("a decoded instance re-encodes within the limit");
             assert!(text.len() <= MAX_VALUE_BYTES);
             assert_eq!(GossipInstance::decode(id, &text).as_ref(), Ok(&instance));
-            each.insert(id.to_string(), instance);
+            each.insert(id.to_string(), std::sync::Arc::new(instance));
         }
     }
 
