@@ -389,6 +389,8 @@ pub async fn run(gossip: Arc<Gossip>, local: Arc<LocalState>, cache: Arc<Cache>,
     let mut dead: Vec<ChitchatId> = Vec::new();
     let mut last: Option<GossipView> = None;
     let mut stale = true;
+    // The local version the next view shows: read before publishing and building from it.
+    let mut local_version = *local_changes.borrow_and_update();
     loop {
         if stale {
             let mut view = {
@@ -403,12 +405,14 @@ pub async fn run(gossip: Arc<Gossip>, local: Arc<LocalState>, cache: Arc<Cache>,
                 cache.set_gossip(view.clone());
                 last = Some(view);
             }
+            local.answered(local_version);
             stale = false;
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = local_changes.changed() => {
                 if changed.is_err() { return }
+                local_version = *local_changes.borrow_and_update();
                 gossip.publish(&local, None).await;
                 stale = true;
             }

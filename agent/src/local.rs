@@ -166,11 +166,13 @@ pub enum LocalError {
 pub struct LocalState {
     services: RwLock<BTreeMap<String, LocalService>>,
     version: watch::Sender<u64>,
+    /// The latest version this agent's own answers show (set by the gossip task).
+    answered: watch::Sender<u64>,
 }
 
 impl Default for LocalState {
     fn default() -> Self {
-        LocalState { services: RwLock::new(BTreeMap::new()), version: watch::channel(0).0 }
+        LocalState { services: RwLock::new(BTreeMap::new()), version: watch::channel(0).0, answered: watch::channel(0).0 }
     }
 }
 
@@ -182,6 +184,31 @@ impl LocalState {
 
     fn changed(&self) {
         self.version.send_modify(|v| *v += 1);
+    }
+
+    /// The number of changes made so far.
+    pub fn version(&self) -> u64 {
+        *self.version.borrow()
+    }
+
+    /// Records that this agent's answers now show every change up to `version`.
+    pub fn answered(&self, version: u64) {
+        self.answered.send_if_modified(|v| {
+            let newer = version > *v;
+            if newer {
+                *v = version;
+            }
+            newer
+        });
+    }
+
+    /// Waits, at most `within`, until this agent's answers show every change made so far, so
+    /// that a caller who changed something reads it back from its next lookup. False when the
+    /// deadline passed first.
+    pub async fn until_answered(&self, within: Duration) -> bool {
+        let version = self.version();
+        let mut answered = self.answered.subscribe();
+        matches!(tokio::time::timeout(within, answered.wait_for(|v| *v >= version)).await, Ok(Ok(_)))
     }
 
     fn read<T>(&self, f: impl FnOnce(&BTreeMap<String, LocalService>) -> T) -> T {
@@ -323,6 +350,8 @@ impl LocalState {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     fn check(successes: u32, failures: u32) -> CheckConfig {
@@ -358,5 +387,22 @@ mod tests {
         state.record(Health::Passing, "ok".into());
         assert!(state.record(Health::Warning, "429".into()));
         assert_eq!(state.status, Health::Warning);
+    }
+
+    #[tokio::test]
+    async fn a_change_waits_until_the_answers_show_it() {
+        let local = Arc::new(LocalState::default());
+        assert!(local.until_answered(Duration::from_secs(1)).await, "nothing changed yet");
+        local.changed();
+        assert!(!local.until_answered(Duration::from_millis(20)).await, "no answer shows the change");
+        let waiter = tokio::spawn({
+            let local = local.clone();
+            async move { local.until_answered(Duration::from_secs(60)).await }
+        });
+        local.answered(local.version() - 1);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "an older version does not wake it");
+        local.answered(local.version());
+        assert!(waiter.await.expect("joins"));
     }
 }

@@ -60,6 +60,18 @@ pub const MAX_WAIT: Duration = Duration::from_secs(600);
 
 type State = Arc<AgentState>;
 
+/// How long a change to a local service waits for this agent's answers to show it.
+const ANSWERED_WITHIN: Duration = Duration::from_secs(2);
+
+/// Answers a change to a local service once this agent's lookups show it (read your own
+/// writes), or after `ANSWERED_WITHIN` at the latest: the change is made either way.
+async fn answered(state: &State, result: Result<Response, ApiError>) -> Response {
+    if result.is_ok() && !state.local.until_answered(ANSWERED_WITHIN).await {
+        tracing::warn!(within_ms = ANSWERED_WITHIN.as_millis() as u64, "a local change is not in the answers yet");
+    }
+    respond(result)
+}
+
 fn body() -> impl Filter<Extract = (Result<Body, ApiError>,), Error = Rejection> + Clone {
     signpost_shared::http::body(MAX_BODY_BYTES)
 }
@@ -102,21 +114,21 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
         .and(warp::post())
         .and(s())
         .and(body())
-        .then(|st, b| async move { respond(local::add_service(st, b)) });
+        .then(|st: State, b| async move { answered(&st, local::add_service(st.clone(), b)).await });
     let remove = warp::path!("v1" / "agent" / "services" / String)
         .and(warp::delete())
         .and(s())
-        .then(|id, st| async move { respond(local::remove_service(st, id)) });
+        .then(|id, st: State| async move { answered(&st, local::remove_service(st.clone(), id)).await });
     let maintenance = warp::path!("v1" / "agent" / "services" / String / "maintenance")
         .and(warp::put())
         .and(s())
         .and(body())
-        .then(|id, st, b| async move { respond(local::maintenance(st, id, b)) });
+        .then(|id, st: State, b| async move { answered(&st, local::maintenance(st.clone(), id, b)).await });
     let report = warp::path!("v1" / "agent" / "checks" / String / String)
         .and(warp::put())
         .and(s())
         .and(body())
-        .then(|id, word, st, b| async move { respond(local::report(st, id, word, b)) });
+        .then(|id, word, st: State, b| async move { answered(&st, local::report(st.clone(), id, word, b)).await });
     let agent = warp::path!("v1" / "agent").and(warp::get()).and(s()).map(|st| respond(local::agent(st)));
     let members = warp::path!("v1" / "agent" / "members").and(warp::get()).and(s()).map(|st| respond(local::members(st)));
     let checks = warp::path!("v1" / "agent" / "checks").and(warp::get()).and(s()).map(|st| respond(local::checks(st)));
