@@ -123,7 +123,7 @@ pub struct ServiceConfig {
     pub tags: Vec<String>,
     /// Meta pairs.
     #[serde(default)]
-    pub meta: BTreeMap<String, String>,
+    pub meta: signpost_shared::model::Meta,
     /// Weight (default 100).
     #[serde(default)]
     pub weight: Option<u32>,
@@ -628,7 +628,7 @@ fn service_flag(text: &str, flags: &Flags) -> Result<ServiceConfig, ConfigError>
         id: None,
         address: None,
         tags: vec![],
-        meta: BTreeMap::new(),
+        meta: Default::default(),
         weight: None,
         zone: None,
         checks,

@@ -444,7 +444,7 @@ mod tests {
             address: "10.0.0.1".into(),
             port,
             tags: vec![],
-            meta: BTreeMap::new(),
+            meta: Default::default(),
             weight: 100,
             zone: None,
             health: Health::Passing,

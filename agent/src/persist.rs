@@ -5,13 +5,12 @@
 //! logged and ignored. Saving streams the body from the cache's instances into the file
 //! (the header is written last), so it holds no copy of the catalog.
 
-use std::collections::BTreeMap;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use signpost_shared::model::{CheckSpec, Health, Instance};
+use signpost_shared::model::{CheckSpec, Health, Instance, Meta};
 use signpost_shared::wire::AgentInfo;
 
 use crate::cache::RegistryView;
@@ -82,7 +81,7 @@ struct SavedInstanceRef<'a> {
     address: &'a str,
     port: u16,
     tags: &'a [String],
-    meta: &'a BTreeMap<String, String>,
+    meta: &'a Meta,
     weight: u32,
     zone: Option<&'a str>,
     health: &'a str,
@@ -112,7 +111,7 @@ struct SavedInstance {
     address: String,
     port: u16,
     tags: Vec<String>,
-    meta: BTreeMap<String, String>,
+    meta: Meta,
     weight: u32,
     zone: Option<String>,
     health: String,

@@ -5,7 +5,7 @@
 //! JSON with a format version `v`, at most [`MAX_VALUE_BYTES`] long (chitchat silently stalls
 //! a node whose value cannot fit a datagram), and validated by the model's rules when read.
 
-use std::collections::BTreeMap;
+use crate::meta::Meta;
 
 use serde::{Deserialize, Serialize};
 
@@ -71,8 +71,8 @@ pub struct GossipInstance {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
     /// Meta pairs.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub meta: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Meta::is_empty")]
+    pub meta: Meta,
     /// Weight.
     pub weight: u32,
     /// Zone.
@@ -169,7 +169,7 @@ mod tests {
             address: "10.0.0.1".into(),
             port: 8080,
             tags: vec!["a".into()],
-            meta: BTreeMap::new(),
+            meta: Meta::default(),
             weight: 100,
             zone: None,
             health: Health::Passing,

@@ -14,6 +14,7 @@ pub mod config;
 pub mod duration;
 pub mod gossip;
 pub mod http;
+pub mod meta;
 pub mod model;
 pub mod probe;
 pub mod process;

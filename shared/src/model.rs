@@ -2,7 +2,7 @@
 //! A client sends a [`Registration`]; [`Registration::validate`] turns it into an
 //! [`InstanceSpec`] or reports every problem with its field's name.
 
-use std::collections::BTreeMap;
+pub use crate::meta::Meta;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -154,7 +154,7 @@ pub struct Registration {
     pub tags: Vec<String>,
     /// At most 32 string pairs.
     #[serde(default)]
-    pub meta: BTreeMap<String, String>,
+    pub meta: Meta,
     /// Relative share of traffic, 1-10000 (default 100).
     #[serde(default)]
     pub weight: Option<i64>,
@@ -189,7 +189,7 @@ pub struct InstanceSpec {
     /// Tags, in the order given.
     pub tags: Vec<String>,
     /// Meta pairs.
-    pub meta: BTreeMap<String, String>,
+    pub meta: Meta,
     /// Weight, 1-10000.
     pub weight: u32,
     /// Zone.
@@ -306,7 +306,7 @@ pub struct Instance {
     /// Tags.
     pub tags: Vec<String>,
     /// Meta pairs.
-    pub meta: BTreeMap<String, String>,
+    pub meta: Meta,
     /// Weight.
     pub weight: u32,
     /// Zone.

@@ -1,6 +1,6 @@
 //! Rows as both databases return them, and their conversion into the model.
 
-use std::collections::BTreeMap;
+
 
 use chrono::{DateTime, Utc};
 use signpost_shared::model::{CheckSpec, Health, Instance, InstanceSpec};
@@ -68,7 +68,7 @@ impl InstanceRow {
             address: self.address.clone(),
             port: u16::try_from(self.port).map_err(|e| self.corrupt("port", e.to_string()))?,
             tags: serde_json::from_str(&self.tags).map_err(|e| self.corrupt("tags", e.to_string()))?,
-            meta: serde_json::from_str::<BTreeMap<String, String>>(&self.meta).map_err(|e| self.corrupt("meta", e.to_string()))?,
+            meta: serde_json::from_str::<signpost_shared::model::Meta>(&self.meta).map_err(|e| self.corrupt("meta", e.to_string()))?,
             weight: u32::try_from(self.weight).map_err(|e| self.corrupt("weight", e.to_string()))?,
             zone: self.zone.clone(),
             health: Some(self.reported_health()?),
