@@ -1,7 +1,5 @@
 //! Rows as both databases return them, and their conversion into the model.
 
-
-
 use chrono::{DateTime, Utc};
 use signpost_shared::model::{CheckSpec, Health, Instance, InstanceSpec};
 use signpost_shared::wire::AgentInfo;
