@@ -348,7 +348,7 @@ pub fn merge(registry: &RegistryView, gossip: &GossipView, made: &mut HashMap<St
 mod tests {
     use std::collections::BTreeSet;
 
-    use signpost_shared::gossip::{FORMAT_VERSION, GossipInstance};
+    use signpost_shared::gossip::GossipInstance;
 
     use super::*;
     use crate::gossip::Peer;
@@ -377,18 +377,7 @@ mod tests {
     }
 
     fn published(health: Health) -> GossipInstance {
-        GossipInstance {
-            v: FORMAT_VERSION,
-            service: "web".into(),
-            address: "10.0.0.2".into(),
-            port: 81,
-            tags: vec![],
-            meta: Default::default(),
-            weight: 100,
-            zone: None,
-            health,
-            output: None,
-        }
+        crate::gossip::test_instance("10.0.0.2", 81, health)
     }
 
     fn peer(instances: &[(&str, GossipInstance)]) -> Peer {

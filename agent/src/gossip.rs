@@ -431,6 +431,23 @@ pub async fn run(gossip: Arc<Gossip>, local: Arc<LocalState>, cache: Arc<Cache>,
     }
 }
 
+/// An instance of service `web` as a node publishes it, for tests.
+#[cfg(test)]
+pub(crate) fn test_instance(address: &str, port: u16, health: Health) -> GossipInstance {
+    GossipInstance {
+        v: FORMAT_VERSION,
+        service: "web".into(),
+        address: address.into(),
+        port,
+        tags: vec![],
+        meta: Default::default(),
+        weight: 100,
+        zone: None,
+        health,
+        output: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};
@@ -438,19 +455,7 @@ mod tests {
     use super::*;
 
     fn instance(port: u16) -> String {
-        let value = GossipInstance {
-            v: FORMAT_VERSION,
-            service: "web".into(),
-            address: "10.0.0.1".into(),
-            port,
-            tags: vec![],
-            meta: Default::default(),
-            weight: 100,
-            zone: None,
-            health: Health::Passing,
-            output: None,
-        };
-        gossip::encode(&value).expect("encodes")
+        gossip::encode(&test_instance("10.0.0.1", port, Health::Passing)).expect("encodes")
     }
 
     fn node(name: &str, generation: u64, values: &[(&str, String)]) -> (ChitchatId, NodeState) {
