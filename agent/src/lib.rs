@@ -34,7 +34,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use signpost_shared::client::{ClientConfig, RegistryClient};
-use signpost_shared::http::ServeStats;
 use signpost_shared::model::Health;
 use signpost_shared::wire::AgentAnnouncement;
 use tokio::net::TcpListener;
@@ -210,7 +209,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         warp::service(api::routes(state)),
         None,
         config.http_limits(),
-        Arc::new(ServeStats::default()),
+        metrics.http_stats(),
         token.clone(),
     );
     tasks.spawn(named("http", server.instrument(tracing::info_span!("http"))));

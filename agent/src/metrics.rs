@@ -1,10 +1,13 @@
 //! Prometheus metrics of one agent, rendered as text by `GET /metrics`.
 
+use std::sync::Arc;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use signpost_shared::http::ServeStats;
 use signpost_shared::model::Health;
 
 use crate::gossip_seal::Refusal;
@@ -32,6 +35,8 @@ struct ResultLabels {
 /// Every metric of the agent.
 #[derive(Debug)]
 pub struct Metrics {
+    /// What the HTTP server's limits did (connections, timeouts).
+    http: Arc<ServeStats>,
     registry: Registry,
     lookups: Family<RouteLabels, Counter>,
     service_lookups: Counter,
@@ -56,9 +61,16 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The HTTP server's counters, to hand to `signpost_shared::http::serve`.
+    pub fn http_stats(&self) -> Arc<ServeStats> {
+        self.http.clone()
+    }
+
     /// Creates and registers every metric under the `signpost_agent` prefix.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("signpost_agent");
+        let http = Arc::new(ServeStats::default());
+        http.register(&mut registry);
         let lookups = Family::<RouteLabels, Counter>::default();
         registry.register("lookups", "Lookups answered, by route", lookups.clone());
         let service_lookups = lookups.get_or_create_owned(&RouteLabels { route: "/v1/services/{name}" });
@@ -103,6 +115,7 @@ impl Metrics {
         let gossip_recv_buffer = Gauge::default();
         registry.register("gossip_recv_buffer_bytes", "Receive buffer the kernel granted the gossip socket", gossip_recv_buffer.clone());
         Metrics {
+            http,
             registry,
             lookups,
             service_lookups,

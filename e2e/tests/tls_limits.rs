@@ -276,6 +276,15 @@ impl Server {
         }
     }
 
+    /// The value of one of its metrics, named without the binary's prefix.
+    async fn metric(&self, name: &str) -> f64 {
+        let value = match self {
+            Server::Registry(r) => r.metric(&format!("signpost_registry_{name}")).await,
+            Server::Agent(a) => a.metric(&format!("signpost_agent_{name}")).await,
+        };
+        value.unwrap_or_else(|| panic!("no metric {name} on /metrics"))
+    }
+
     fn lookup_url(&self) -> String {
         format!("http://{}/v1/services", self.addr())
     }
@@ -342,6 +351,9 @@ async fn slowloris_is_cut_off_while_lookups_are_answered(which: &str) {
         assert!(after <= timeout + slack * 2, "{which}: cut only after {after:?}");
     }
     assert!(lookup_answers(&server.lookup_url(), Duration::from_secs(2)).await);
+    // What the operator sees: every slow connection counted as a header timeout.
+    assert!(server.metric("http_header_timeouts_total").await >= 15.0, "{which}: the 15 cut connections are counted");
+    assert!(server.metric("http_connections_accepted_total").await >= 15.0 + answered as f64, "{which}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -431,6 +443,8 @@ async fn the_connection_cap_holds_and_frees(which: &str) {
         lookup_answers(&server.lookup_url(), Duration::from_secs(1)).await.then_some(())
     })
     .await;
+    assert!(server.metric("http_connection_cap_reached_total").await >= 1.0, "{which}: reaching the cap is counted");
+    assert_eq!(server.metric("http_header_timeouts_total").await, 0.0, "{which}: nothing timed out here");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,6 +464,7 @@ async fn a_keep_alive_connection_is_closed_after_the_idle_timeout_but_not_during
     let mut stream = TcpStream::connect(server.addr()).await.expect("connect");
     assert_eq!(get_on(&mut stream, "/healthz").await, Some(200));
     assert!(closed_within(&mut stream, patience(Duration::from_secs(5))).await, "an idle connection stays open");
+    assert!(server.metric("http_idle_closed_total").await >= 1.0, "the idle close is counted");
 
     // A blocking catalog query longer than both timeouts is answered, not cut.
     let client = registry.client();

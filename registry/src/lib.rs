@@ -39,8 +39,8 @@ use crate::metrics::Metrics;
 use crate::prober::ProberConfig;
 use crate::snapshot::CatalogCache;
 use crate::store::{Store, StoreError, StoreOptions, SweepPolicy};
+use signpost_shared::http::ServerTls;
 use signpost_shared::http::tls::RELOAD_POLL as TLS_RELOAD_POLL;
-use signpost_shared::http::{ServeStats, ServerTls};
 
 /// Why the registry stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +111,7 @@ pub async fn run(config: RegistryConfig, shutdown: impl Future<Output = ()>) -> 
     let token = CancellationToken::new();
     let mut shutdown = std::pin::pin!(shutdown);
     let metrics = Arc::new(Metrics::new());
-    let http_stats = Arc::new(ServeStats::default());
+    let http_stats = metrics.http_stats();
     let state = Arc::new(AppState {
         store: store.clone(),
         cache: CatalogCache::new(store.clone(), config.read_cache_max_age),

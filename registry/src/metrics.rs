@@ -1,5 +1,6 @@
 //! Prometheus metrics of one registry process, rendered as text by `GET /metrics`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -8,6 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use signpost_shared::http::ServeStats;
 use signpost_shared::model::Health;
 
 /// Labels of an HTTP request.
@@ -41,6 +43,8 @@ type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
 /// Every metric of the registry.
 #[derive(Debug)]
 pub struct Metrics {
+    /// What the HTTP server's limits did (connections, timeouts).
+    http: Arc<ServeStats>,
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     latency: HistogramFamily,
@@ -67,9 +71,16 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The HTTP server's counters, to hand to `signpost_shared::http::serve`.
+    pub fn http_stats(&self) -> Arc<ServeStats> {
+        self.http.clone()
+    }
+
     /// Creates and registers every metric under the `signpost_registry` prefix.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("signpost_registry");
+        let http = Arc::new(ServeStats::default());
+        http.register(&mut registry);
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register("http_requests", "HTTP requests by route, method and status", requests.clone());
         let latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
@@ -95,6 +106,7 @@ impl Metrics {
         let catalog_index = Gauge::default();
         registry.register("catalog_index", "The catalog's change index as this replica knows it", catalog_index.clone());
         Metrics {
+            http,
             registry,
             requests,
             latency,

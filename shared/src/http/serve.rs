@@ -9,7 +9,6 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -19,6 +18,9 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -108,21 +110,41 @@ pub fn peer_addr() -> impl warp::Filter<Extract = (Option<SocketAddr>,), Error =
     warp::ext::optional::<PeerAddr>().map(|peer: Option<PeerAddr>| peer.map(|p| p.0))
 }
 
-/// Counters of what the limits did, for `/metrics` and tests.
+/// Counters of what the limits did, exported on `/metrics` (`register`).
 #[derive(Debug, Default)]
 pub struct ServeStats {
     /// Connections accepted.
-    pub accepted: AtomicU64,
+    pub accepted: Counter,
     /// Connections open now.
-    pub open: AtomicU64,
+    pub open: Gauge,
     /// Times the server stopped accepting because `max_connections` were open.
-    pub at_capacity: AtomicU64,
+    pub at_capacity: Counter,
     /// Connections closed because a request's headers were not in within the timeout.
-    pub header_timeouts: AtomicU64,
+    pub header_timeouts: Counter,
     /// Connections closed after `idle_timeout` with nothing to do.
-    pub idle_closed: AtomicU64,
+    pub idle_closed: Counter,
     /// TLS handshakes that failed or timed out.
-    pub tls_failures: AtomicU64,
+    pub tls_failures: Counter,
+}
+
+impl ServeStats {
+    /// Adds the counters to a metrics registry (they stay shared with this one).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("http_connections_accepted", "HTTP connections accepted", self.accepted.clone());
+        registry.register("http_connections_open", "HTTP connections open now", self.open.clone());
+        registry.register(
+            "http_connection_cap_reached",
+            "Times max_connections were open and new connections waited in the backlog",
+            self.at_capacity.clone(),
+        );
+        registry.register(
+            "http_header_timeouts",
+            "Connections closed because a request's headers did not arrive within header_read_timeout",
+            self.header_timeouts.clone(),
+        );
+        registry.register("http_idle_closed", "Keep-alive connections closed after idle_timeout", self.idle_closed.clone());
+        registry.register("http_tls_failures", "TLS handshakes that failed or timed out", self.tls_failures.clone());
+    }
 }
 
 /// The request body handed to the routes: hyper's, with the body deadline.
@@ -157,7 +179,7 @@ pub async fn serve<S, B>(
         let permit = match permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                stats.at_capacity.fetch_add(1, Ordering::Relaxed);
+                stats.at_capacity.inc();
                 // Once a minute at most: under a flood this happens for every connection.
                 if last_cap_warning.is_none_or(|at: Instant| at.elapsed() >= CAP_WARNING_EVERY) {
                     last_cap_warning = Some(Instant::now());
@@ -202,7 +224,7 @@ pub async fn serve<S, B>(
             },
         };
         let _ = stream.set_nodelay(true);
-        stats.accepted.fetch_add(1, Ordering::Relaxed);
+        stats.accepted.inc();
         let connection = Connection {
             peer,
             service: service.clone(),
@@ -251,7 +273,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     async fn run(self, stream: TcpStream, tls: Option<TlsAcceptor>) {
-        self.stats.open.fetch_add(1, Ordering::Relaxed);
+        self.stats.open.inc();
         let activity = Arc::new(Activity::new());
         match tls {
             None => self.http(stream, activity).await,
@@ -268,18 +290,18 @@ where
                         self.http(stream, activity).await;
                     }
                     Some(Ok(Err(e))) => {
-                        self.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                        self.stats.tls_failures.inc();
                         tracing::debug!(error = %e, "TLS handshake failed");
                     }
                     Some(Err(_)) => {
-                        self.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                        self.stats.tls_failures.inc();
                         tracing::debug!(timeout = ?self.limits.header_read_timeout, "TLS handshake timed out");
                     }
                     None => {}
                 }
             }
         }
-        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+        self.stats.open.dec();
     }
 
     /// Serves HTTP/1.1 on `io` until the client leaves, a limit cuts it, or shutdown.
@@ -334,7 +356,7 @@ where
                 _ = sleep_until(deadline) => {
                     match activity.expired(limits) {
                         Some(Cut::HeaderTimeout) => {
-                            self.stats.header_timeouts.fetch_add(1, Ordering::Relaxed);
+                            self.stats.header_timeouts.inc();
                             tracing::info!(
                                 peer = %self.peer,
                                 timeout = ?limits.header_read_timeout,
@@ -343,7 +365,7 @@ where
                             return;
                         }
                         Some(Cut::Idle) => {
-                            self.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                            self.stats.idle_closed.inc();
                             tracing::debug!(idle = ?limits.idle_timeout, "closing an idle connection");
                             return;
                         }
