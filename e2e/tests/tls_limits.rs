@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::Datelike;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType, SerialNumber};
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
@@ -51,10 +52,24 @@ impl Pki {
     /// Issues a certificate for 127.0.0.1 and localhost with `serial`, written to
     /// `registry.crt`/`registry.key` (replaced atomically, key first).
     fn issue(&self, serial: u64) -> Leaf {
+        self.issue_until(serial, None)
+    }
+
+    /// As `issue`, valid until the end of `days` days from today (negative: expired) instead
+    /// of rcgen's far-off default.
+    fn issue_until(&self, serial: u64, days: Option<i64>) -> Leaf {
         let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("leaf params");
         params.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
         params.distinguished_name.push(DnType::CommonName, format!("signpost registry {serial}"));
         params.serial_number = Some(SerialNumber::from(serial));
+        if let Some(days) = days {
+            let day = |d: i64| {
+                let at = chrono::Utc::now() + chrono::TimeDelta::days(d);
+                rcgen::date_time_ymd(at.year(), at.month() as u8, at.day() as u8)
+            };
+            params.not_before = day(days.min(0) - 30);
+            params.not_after = day(days);
+        }
         let key = KeyPair::generate().expect("leaf key");
         let cert = params.signed_by(&key, &self.ca).expect("sign the leaf");
         let (cert_path, key_path) = (self.dir.path().join("registry.crt"), self.dir.path().join("registry.key"));
@@ -199,6 +214,32 @@ async fn an_agent_trusting_the_ca_follows_the_registry_over_https_and_one_withou
     .await;
     assert_eq!(ids(&client, &registry.at("/v1/services/other")).await, Some(vec![]), "nothing got through without trust");
     assert!(!registry.log_text().contains("BEGIN"), "no key material in the registry's log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_near_its_end_is_warned_about_and_an_expired_one_logged_as_an_error() {
+    let pki = Pki::new();
+    let soon = pki.issue_until(1, Some(5));
+    let registry = RegistryBuilder::new(None).tls(&soon.cert, &soon.key, &pki.ca_file()).start().await;
+    let log = registry.log_text();
+    let warning = log.lines().find(|l| l.contains("the TLS certificate expires soon")).unwrap_or_else(|| panic!("no warning in:\n{log}"));
+    let entry: Value = serde_json::from_str(warning).expect("a JSON log line");
+    assert_eq!(entry["level"], "WARN", "{warning}");
+    assert!(matches!(entry["days_left"].as_i64(), Some(4..=5)), "{warning}");
+
+    // Swapped for one that has expired (say, a renewal job wrote a stale file): still served,
+    // since it is a good pair, but said loudly.
+    pki.issue_until(2, Some(-1));
+    eventually("the expired certificate is logged as an error", Duration::from_secs(20), || async {
+        registry.log_text().lines().find(|l| l.contains("the TLS certificate has expired") && l.contains("ERROR")).map(|_| ())
+    })
+    .await;
+    // A certificate with years left says nothing of the kind.
+    let other_pki = Pki::new();
+    let fine = other_pki.issue(3);
+    let other = RegistryBuilder::new(None).tls(&fine.cert, &fine.key, &other_pki.ca_file()).start().await;
+    let log = other.log_text();
+    assert!(log.contains("TLS certificate loaded") && !log.contains("expires soon") && !log.contains("has expired"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -70,6 +71,8 @@ pub struct LoadedPair {
     pub fingerprint: String,
     /// Certificates in the chain.
     pub chain_len: usize,
+    /// When the leaf certificate expires.
+    pub not_after: DateTime<Utc>,
 }
 
 impl fmt::Debug for LoadedPair {
@@ -96,6 +99,10 @@ pub fn parse_pair(cert_pem: &[u8], key_pem: &[u8], cert_path: &Path, key_path: &
         CertificateDer::pem_slice_iter(cert_pem).collect::<Result<_, _>>().map_err(|e| no_cert(format!(": {e}")))?;
     let Some(leaf) = chain.first() else { return Err(no_cert(String::new())) };
     let fingerprint = hex(&Sha256::digest(leaf.as_ref()));
+    let not_after = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .ok()
+        .and_then(|(_, parsed)| DateTime::from_timestamp(parsed.validity().not_after.timestamp(), 0))
+        .ok_or_else(|| no_cert(": the first certificate is not a readable X.509 certificate".into()))?;
     let private = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| TlsError::NoKey { path: key_path.display().to_string() })?;
     let chain_len = chain.len();
     let key = CertifiedKey::from_der(chain, private, &provider()).map_err(|e| TlsError::Pair {
@@ -103,7 +110,51 @@ pub fn parse_pair(cert_pem: &[u8], key_pem: &[u8], cert_path: &Path, key_path: &
         key: key_path.display().to_string(),
         reason: e.to_string(),
     })?;
-    Ok(LoadedPair { key: Arc::new(key), fingerprint, chain_len })
+    Ok(LoadedPair { key: Arc::new(key), fingerprint, chain_len, not_after })
+}
+
+/// Warn this long before a certificate expires.
+pub const EXPIRY_WARNING: chrono::TimeDelta = chrono::TimeDelta::days(14);
+
+/// How a certificate's expiry looks at `now`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// More than `EXPIRY_WARNING` left.
+    Fine,
+    /// Expires within `EXPIRY_WARNING`: whole days left.
+    Soon(i64),
+    /// Expired.
+    Expired,
+}
+
+impl Expiry {
+    /// The state of a certificate valid until `not_after`.
+    pub fn at(not_after: DateTime<Utc>, now: DateTime<Utc>) -> Expiry {
+        let left = not_after - now;
+        if left <= chrono::TimeDelta::zero() {
+            Expiry::Expired
+        } else if left <= EXPIRY_WARNING {
+            Expiry::Soon(left.num_days())
+        } else {
+            Expiry::Fine
+        }
+    }
+}
+
+/// Logs a warning (an error once expired) when the certificate in `cert` expires within
+/// `EXPIRY_WARNING`; returns whether it did.
+fn warn_expiry(cert: &Path, pair: &LoadedPair) -> bool {
+    match Expiry::at(pair.not_after, Utc::now()) {
+        Expiry::Fine => false,
+        Expiry::Soon(days) => {
+            tracing::warn!(cert = %cert.display(), not_after = %pair.not_after, days_left = days, "the TLS certificate expires soon; replace the files");
+            true
+        }
+        Expiry::Expired => {
+            tracing::error!(cert = %cert.display(), not_after = %pair.not_after, "the TLS certificate has expired; clients refuse it; replace the files");
+            true
+        }
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -143,8 +194,10 @@ impl ServerTls {
             cert = %cert_file.display(),
             fingerprint = %pair.fingerprint,
             chain = pair.chain_len,
+            not_after = %pair.not_after,
             "TLS certificate loaded"
         );
+        warn_expiry(cert_file, &pair);
         let current = Arc::new(CurrentPair(RwLock::new(pair)));
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -203,8 +256,10 @@ impl ServerTls {
                     fingerprint = %pair.fingerprint,
                     was = %current.fingerprint,
                     chain = pair.chain_len,
+                    not_after = %pair.not_after,
                     "TLS certificate reloaded; new connections get it"
                 );
+                warn_expiry(&self.cert_file, &pair);
                 *current = pair;
                 true
             }
@@ -229,6 +284,8 @@ impl ServerTls {
         };
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The load warned already; then once a day while the certificate in use is near its end.
+        let mut warned_at = tokio::time::Instant::now();
         loop {
             let hangup_received = async {
                 match hangup.as_mut() {
@@ -245,7 +302,13 @@ impl ServerTls {
                     last = None;
                 }
             }
-            self.reload(&mut last);
+            if self.reload(&mut last) {
+                warned_at = tokio::time::Instant::now();
+            } else if warned_at.elapsed() >= Duration::from_secs(24 * 60 * 60) {
+                let pair = self.current.0.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+                warn_expiry(&self.cert_file, &pair);
+                warned_at = tokio::time::Instant::now();
+            }
         }
     }
 }
@@ -253,6 +316,17 @@ impl ServerTls {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expiry_is_fine_then_soon_then_expired() {
+        let now = Utc::now();
+        let days = chrono::TimeDelta::days;
+        assert_eq!(Expiry::at(now + days(15), now), Expiry::Fine);
+        assert_eq!(Expiry::at(now + days(14), now), Expiry::Soon(14));
+        assert_eq!(Expiry::at(now + chrono::TimeDelta::hours(30), now), Expiry::Soon(1));
+        assert_eq!(Expiry::at(now, now), Expiry::Expired);
+        assert_eq!(Expiry::at(now - days(3), now), Expiry::Expired);
+    }
 
     #[test]
     fn garbage_is_refused_without_quoting_the_key() {
