@@ -161,6 +161,47 @@ async fn catalog_feed_blocks_until_a_change() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_holding_the_catalog_gets_304_instead_of_it_again() {
+    let (_db, registry) = start().await;
+    post(&registry, &instance("web-1", "web", 1)).await;
+    let http = reqwest::Client::new();
+    let first = http.get(registry.at("/v1/catalog")).send().await.expect("GET");
+    let etag = first.headers().get("etag").and_then(|v| v.to_str().ok()).map(str::to_string).expect("an ETag");
+    let index = first.json::<Value>().await.expect("json")["index"].as_u64().expect("index");
+    assert_eq!(etag, format!("\"{index}\""));
+
+    // The wait ends with nothing changed: 304, the index, no body.
+    let started = Instant::now();
+    let same =
+        http.get(registry.at(&format!("/v1/catalog?index={index}&wait=500ms"))).header("if-none-match", &etag).send().await.expect("GET");
+    assert!(started.elapsed() >= Duration::from_millis(450), "it waited");
+    assert_eq!(same.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(same.headers().get("x-signpost-index").and_then(|v| v.to_str().ok()), Some(index.to_string().as_str()));
+    assert!(same.bytes().await.expect("body").is_empty(), "no catalog in a 304");
+
+    // Another tag, or none, gets the catalog as before.
+    let other = http.get(registry.at("/v1/catalog")).header("if-none-match", "\"999999\", W/\"999998\"").send().await.expect("GET");
+    assert_eq!(other.status(), StatusCode::OK);
+    assert_eq!(ids(&other.json::<Value>().await.expect("json")), ["web-1"]);
+
+    // After a change, the old tag no longer matches: the new catalog.
+    post(&registry, &instance("web-2", "web", 2)).await;
+    let changed =
+        http.get(registry.at(&format!("/v1/catalog?index={index}&wait=30s"))).header("if-none-match", &etag).send().await.expect("GET");
+    assert_eq!(changed.status(), StatusCode::OK);
+    let page = changed.json::<Value>().await.expect("json");
+    assert!(page["index"].as_u64() > Some(index));
+    assert_eq!(ids(&page), ["web-1", "web-2"]);
+
+    // The registry client an agent uses sends the tag and takes the 304 as "unchanged".
+    let client = registry.client();
+    let now = client.catalog(None, None).await.expect("catalog").index;
+    let unchanged: Option<Value> = client.catalog_changed(Some(now), Some(Duration::from_millis(300))).await.expect("wait ended");
+    assert_eq!(unchanged, None);
+    assert!(registry.log_text().contains("\"status\":304"), "the 304 answers are in the request log");
+}
+
 /// What is sent, and the status expected: (what, method, path, content type, body, status).
 type Case<'a> = (&'a str, reqwest::Method, &'a str, Option<&'a str>, Vec<u8>, StatusCode);
 

@@ -350,12 +350,20 @@ impl RegistryClient {
         if let Some(body) = &call.body {
             request = request.header(reqwest::header::CONTENT_TYPE, "application/json").body(body.clone());
         }
+        if let Some(index) = call.known_index {
+            // The registry answers 304 without the catalog when it is still at this index.
+            request = request.header(reqwest::header::IF_NONE_MATCH, crate::wire::catalog_etag(index));
+        }
         let url_text = url.to_string();
         let unreachable = |source| ClientError::Unreachable { url: url_text.clone(), source };
         let mut response = request.send().await.map_err(unreachable)?;
         let status = response.status();
+        if status == StatusCode::NOT_MODIFIED && call.known_index.is_some() {
+            return Ok(Answer { url: url_text, status, body: None });
+        }
         if status.is_success() && call.known_index.is_some() && answer_index(&response) == call.known_index {
-            // Read to the end, a chunk at a time, so that the connection can be used again.
+            // A registry that ignores `If-None-Match` sent the catalog anyway: read it to the
+            // end, a chunk at a time, so that the connection can be used again.
             while response.chunk().await.map_err(unreachable)?.is_some() {}
             return Ok(Answer { url: url_text, status, body: None });
         }

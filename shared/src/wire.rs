@@ -217,8 +217,31 @@ pub struct CatalogPage {
     pub agents: Vec<AgentInfo>,
 }
 
+/// The `ETag` of the catalog at `index`.
+pub fn catalog_etag(index: u64) -> String {
+    format!("\"{index}\"")
+}
+
+/// Whether an `If-None-Match` header names `etag` (or is `*`); weak tags compare as equal,
+/// as RFC 9110 has it for `If-None-Match`.
+pub fn etag_matches(if_none_match: &str, etag: &str) -> bool {
+    if_none_match.split(',').map(str::trim).any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn if_none_match_names_the_catalog_index() {
+        let etag = catalog_etag(12);
+        assert_eq!(etag, "\"12\"");
+        for header in ["\"12\"", "W/\"12\"", "\"3\", \"12\"", "*"] {
+            assert!(etag_matches(header, &etag), "{header}");
+        }
+        for header in ["\"1\"", "12", "\"123\"", "", "W/\"1\""] {
+            assert!(!etag_matches(header, &etag), "{header}");
+        }
+    }
+
     use super::*;
     use crate::model::Registration;
 

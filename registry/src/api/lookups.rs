@@ -40,11 +40,30 @@ pub async fn service(state: Arc<AppState>, authorization: Option<String>, name: 
     Ok(with_index(json(StatusCode::OK, &answer), snapshot.index))
 }
 
-/// The whole catalog (instances and agents) with its index.
-pub async fn catalog(state: Arc<AppState>, authorization: Option<String>, raw_query: String) -> Result<Response, ApiError> {
+/// The whole catalog (instances and agents) with its index, tagged with the index as its
+/// `ETag`. With `If-None-Match` naming the index it would answer (a caller that holds the
+/// catalog at that index, typically when a blocking query's wait ended with nothing changed):
+/// 304 with the index header and no body, instead of the whole catalog again.
+pub async fn catalog(
+    state: Arc<AppState>,
+    authorization: Option<String>,
+    raw_query: String,
+    if_none_match: Option<String>,
+) -> Result<Response, ApiError> {
     state.auth.check_read(authorization.as_deref())?;
     let query = ReadQuery::parse(&raw_query, &["index", "wait"])?;
     block(&state, query.index, query.wait).await?;
     let snapshot = state.cache.get().await?;
-    Ok(json_bytes(snapshot.catalog_json(), snapshot.index))
+    let etag = signpost_shared::wire::catalog_etag(snapshot.index);
+    let mut response = if if_none_match.as_deref().is_some_and(|header| signpost_shared::wire::etag_matches(header, &etag)) {
+        let mut response = Response::new(bytes::Bytes::new().into());
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        with_index(response, snapshot.index)
+    } else {
+        json_bytes(snapshot.catalog_json(), snapshot.index)
+    };
+    if let Ok(value) = warp::http::HeaderValue::from_str(&etag) {
+        response.headers_mut().insert(warp::http::header::ETAG, value);
+    }
+    Ok(response)
 }

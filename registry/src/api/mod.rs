@@ -125,7 +125,8 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
         .and(s())
         .and(authorization())
         .and(raw_query())
-        .then(|st, auth, q| async move { respond(lookups::catalog(st, auth, q).await) });
+        .and(warp::header::optional::<String>("if-none-match"))
+        .then(|st, auth, q, etag| async move { respond(lookups::catalog(st, auth, q, etag).await) });
     let announce = warp::path!("v1" / "agents" / String)
         .and(warp::put())
         .and(s())
