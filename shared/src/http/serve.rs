@@ -328,9 +328,11 @@ where
         };
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
-            // Our own clock (below) tells headers from idle time; hyper's, which starts
-            // whenever it waits for a request, is a backstop at the longer of the two.
-            .header_read_timeout(limits.header_read_timeout.max(limits.idle_timeout))
+            // Our own clock (below) tells headers from idle time and cuts (and counts) first.
+            // Hyper's starts whenever it waits for a request, so it covers an idle spell and
+            // the next request's headers: a backstop at their sum, never at the same instant
+            // as ours (a tie would let either end the connection, uncounted).
+            .header_read_timeout(limits.header_read_timeout.saturating_add(limits.idle_timeout))
             .max_header_size(limits.max_header_bytes)
             .max_buf_size(limits.max_header_bytes.max(MIN_BUF_SIZE))
             .keep_alive(true);
@@ -341,18 +343,9 @@ where
             let changed = activity.changed.notified();
             let deadline = activity.deadline(limits);
             tokio::select! {
-                done = connection.as_mut() => {
-                    if let Err(e) = done {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                    return;
-                }
-                _ = self.shutdown.cancelled(), if !draining => {
-                    // Finish the request in flight, answer it with `Connection: close`.
-                    connection.as_mut().graceful_shutdown();
-                    draining = true;
-                }
-                _ = changed => {}
+                // Our deadline first: should the task wake late enough for hyper's backstop to
+                // have fired too, the cut is still ours, and counted.
+                biased;
                 _ = sleep_until(deadline) => {
                     match activity.expired(limits) {
                         Some(Cut::HeaderTimeout) => {
@@ -372,6 +365,18 @@ where
                         None => {}
                     }
                 }
+                done = connection.as_mut() => {
+                    if let Err(e) = done {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                _ = self.shutdown.cancelled(), if !draining => {
+                    // Finish the request in flight, answer it with `Connection: close`.
+                    connection.as_mut().graceful_shutdown();
+                    draining = true;
+                }
+                _ = changed => {}
             }
         }
     }

@@ -142,17 +142,15 @@ impl Expiry {
 }
 
 /// Logs a warning (an error once expired) when the certificate in `cert` expires within
-/// `EXPIRY_WARNING`; returns whether it did.
-fn warn_expiry(cert: &Path, pair: &LoadedPair) -> bool {
+/// `EXPIRY_WARNING`.
+fn warn_expiry(cert: &Path, pair: &LoadedPair) {
     match Expiry::at(pair.not_after, Utc::now()) {
-        Expiry::Fine => false,
+        Expiry::Fine => {}
         Expiry::Soon(days) => {
             tracing::warn!(cert = %cert.display(), not_after = %pair.not_after, days_left = days, "the TLS certificate expires soon; replace the files");
-            true
         }
         Expiry::Expired => {
             tracing::error!(cert = %cert.display(), not_after = %pair.not_after, "the TLS certificate has expired; clients refuse it; replace the files");
-            true
         }
     }
 }
