@@ -56,7 +56,7 @@ name = "web"
 port = 8080
 id = "web-main"
 tags = ["v2"]
-checks = [{ id = "web-ttl", ttl = "1s" }]
+checks = [{ id = "web-ttl", ttl = "3s" }]
 
 [[services]]
 name = "api"
@@ -78,7 +78,7 @@ port = 9090
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(health_at(&agent, "web", "web-main").await.as_deref(), Some("passing"));
     // Silence past the TTL is critical again.
-    eventually("the TTL expired", Duration::from_secs(5), || async {
+    eventually("the TTL expired", Duration::from_secs(15), || async {
         (health_at(&agent, "web", "web-main").await.as_deref() == Some("critical")).then_some(())
     })
     .await;
@@ -87,8 +87,10 @@ port = 9090
     let checks = get_json(&agent.at("/v1/agent/checks")).await;
     let ttl = checks["checks"].as_array().expect("checks").iter().find(|c| c["id"] == "web-ttl").expect("the TTL check").clone();
     assert_eq!((ttl["status"].as_str(), ttl["output"].as_str()), (Some("warning"), Some("slow disk")));
-    // The registry hears the application's word with the next sync.
-    eventually("the registry has the warning", Duration::from_secs(10), || async {
+    // The registry hears the application's word with a later sync. The application keeps
+    // reporting, as one does, so the warning outlives a slow sync.
+    eventually("the registry has the warning", Duration::from_secs(15), || async {
+        put(&agent.at("/v1/agent/checks/web-ttl/warn"), Some(json!({"output": "slow disk"}))).await;
         let body = get_json(&registry.at("/v1/instances/web-main")).await;
         (body["health"] == "warning").then_some(())
     })
@@ -112,15 +114,18 @@ port = 9090
     })
     .await;
 
-    let metrics = reqwest::get(agent.at("/metrics")).await.expect("GET").text().await.expect("text");
-    for needle in [
+    let needles = [
         "signpost_agent_lookups_total",
         "signpost_agent_cache_instances 2",
         "signpost_agent_gossip_members{state=\"alive\"} 1",
         "signpost_agent_registry_sync_age_seconds 0",
-    ] {
-        assert!(metrics.contains(needle), "missing `{needle}` in:\n{metrics}");
-    }
+    ];
+    // The gauges are sampled by the agent's own tasks: wait a little for a scrape that has them all.
+    eventually(&format!("the agent's metrics show {needles:?}"), Duration::from_secs(10), || async {
+        let metrics = reqwest::get(agent.at("/metrics")).await.ok()?.text().await.ok()?;
+        needles.iter().all(|n| metrics.contains(n)).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -63,8 +63,13 @@ fn instance_id(node: &str, port: u16) -> String {
 async fn every_agent_finds_every_service_and_gossip_carries_news_while_the_feed_is_paused() {
     let fleet = fleet(3).await;
     // The registry has them too, registered by their agents.
-    let page: Value = reqwest::get(fleet.registry.at("/v1/services/web")).await.expect("GET").json().await.expect("json");
-    assert_eq!(page["instances"].as_array().map(Vec::len), Some(3));
+    // (An agent may learn of a peer's passing check by gossip before that agent's heartbeat
+    // has carried it to the registry.)
+    eventually("the registry lists the three healthy", Duration::from_secs(10), || async {
+        let page: Value = reqwest::get(fleet.registry.at("/v1/services/web")).await.ok()?.json().await.ok()?;
+        (page["instances"].as_array().map(Vec::len) == Some(3)).then_some(())
+    })
+    .await;
     // Healthy lookups at every agent carry the index and staleness headers.
     let response = reqwest::get(fleet.agents[0].at("/v1/services/web")).await.expect("GET");
     assert!(response.headers().contains_key("x-signpost-index"));

@@ -225,7 +225,8 @@ async fn a_certificate_near_its_end_is_warned_about_and_an_expired_one_logged_as
     let warning = log.lines().find(|l| l.contains("the TLS certificate expires soon")).unwrap_or_else(|| panic!("no warning in:\n{log}"));
     let entry: Value = serde_json::from_str(warning).expect("a JSON log line");
     assert_eq!(entry["level"], "WARN", "{warning}");
-    assert!(matches!(entry["days_left"].as_i64(), Some(4..=5)), "{warning}");
+    // Five days from midnight UTC: 4 or 5 left, 3 if the date turned while the test ran.
+    assert!(matches!(entry["days_left"].as_i64(), Some(3..=5)), "{warning}");
 
     // Swapped for one that has expired (say, a renewal job wrote a stale file): still served,
     // since it is a good pair, but said loudly.

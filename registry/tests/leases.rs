@@ -58,8 +58,10 @@ async fn a_lapsed_lease_turns_critical_then_the_instance_is_removed() {
     for i in 0..6 {
         assert_eq!(health_of(&registry, &format!("steady-{i}")).await.as_deref(), Some("passing"));
     }
-    assert!(registry.metric("signpost_registry_leases_expired_total").await.unwrap_or(0.0) >= 1.0);
-    assert!(registry.metric("signpost_registry_instances_removed_total").await.unwrap_or(0.0) >= 1.0);
+    // The sweeper counts after its transaction commits: a moment after the effect shows.
+    for counter in ["signpost_registry_leases_expired_total", "signpost_registry_instances_removed_total"] {
+        eventually(counter, Duration::from_secs(10), || async { (registry.metric(counter).await? >= 1.0).then_some(()) }).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,7 +87,10 @@ async fn self_preservation_holds_the_catalog_when_most_leases_lapse_at_once() {
     })
     .await;
     assert_eq!(registry.metric("signpost_registry_self_preservation").await, Some(1.0));
-    assert!(registry.log_text().contains("self-preservation"), "logged");
+    eventually("self-preservation is logged", Duration::from_secs(10), || async {
+        registry.log_text().contains("self-preservation").then_some(())
+    })
+    .await;
     // Well past lease + grace period, the held instances are still there and healthy. At
     // most the first three to lapse (while under the threshold) were expired.
     tokio::time::sleep(Duration::from_secs(4)).await;
