@@ -4,17 +4,19 @@
 //! which blocking lookups wait. Instances are shared (`Arc`) between the registry's view
 //! and the snapshots, so the catalog is held once, however many snapshots are alive.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
 
 use chrono::{DateTime, Utc};
 use signpost_shared::model::{DEFAULT_TTL_S, Health, Instance};
-use signpost_shared::wire::{AgentInfo, CatalogPage};
+use signpost_shared::wire::{AgentInfo, AgentsPage, CatalogPage};
 use tokio::sync::watch;
 
+use crate::evidence::{Evidence, Verdict};
 use crate::gossip::{GossipView, Member};
 
 /// What the registry last said.
@@ -127,6 +129,19 @@ struct Sources {
     /// by id: the next merge reuses each one it makes again unchanged, and takes the first
     /// time an instance known only from gossip was seen from it, so its timestamps are stable.
     made: HashMap<String, Arc<Instance>>,
+    /// Evidence that owners which gossip does not show alive live.
+    evidence: Evidence,
+}
+
+/// Owners of registered instances that gossip does not show alive.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Doubted {
+    /// Their nodes.
+    pub nodes: BTreeSet<String>,
+    /// The shortest lease among their instances, in seconds.
+    pub shortest_ttl_s: Option<u32>,
+    /// Whether the agent is still settling into gossip (the registry is believed meanwhile).
+    pub settling: bool,
 }
 
 /// Whether a change of the sources needs the catalog merged again.
@@ -148,15 +163,18 @@ pub struct Cache {
 
 impl Default for Cache {
     fn default() -> Self {
-        Cache {
-            sources: std::sync::Mutex::new(Sources::default()),
-            current: RwLock::new(Arc::new(Snapshot::default())),
-            index: watch::channel(0).0,
-        }
+        Cache::new(Duration::ZERO)
     }
 }
 
 impl Cache {
+    /// An empty cache of an agent starting now, which believes the registry about owners that
+    /// gossip has not found for `settle` (the time gossip needs to find the live ones).
+    pub fn new(settle: Duration) -> Self {
+        let sources = Sources { evidence: Evidence::new(Utc::now(), settle), ..Sources::default() };
+        Cache { sources: std::sync::Mutex::new(sources), current: RwLock::new(Arc::new(Snapshot::default())), index: watch::channel(0).0 }
+    }
+
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         match self.current.read() {
@@ -203,9 +221,41 @@ impl Cache {
         self.update(Change::Status, |s| s.feed_live = live);
     }
 
-    /// Replaces what gossip says.
+    /// Replaces what gossip says; a node that left the live set, or is found dead, is
+    /// remembered dead from now on until it is alive again.
     pub fn set_gossip(&self, view: GossipView) {
-        self.update(Change::Catalog, |s| s.gossip = view);
+        self.update(Change::Catalog, |s| {
+            s.evidence.observe_gossip(s.gossip.live.keys(), &view.live, &view.dead, Utc::now());
+            s.gossip = view;
+        });
+    }
+
+    /// Records when the agents the registry listed last renewed (the answer of
+    /// `GET /v1/agents?node=…` for the owners gossip does not show alive).
+    pub fn set_renewals(&self, pages: &[AgentsPage]) {
+        self.update(Change::Catalog, |s| s.evidence.set_renewals(pages, Utc::now()));
+    }
+
+    /// Merges again with the same sources: evidence ages, and the settling window ends.
+    pub fn recheck(&self) {
+        self.update(Change::Catalog, |_| {});
+    }
+
+    /// The owners of registered instances that gossip does not show alive, with the
+    /// shortest lease among their instances, and whether this agent is still settling.
+    pub fn doubted_owners(&self) -> Doubted {
+        self.with_sources(|s| {
+            let mut doubted = Doubted { settling: s.evidence.settling(Utc::now()), ..Doubted::default() };
+            for instance in &s.registry.instances {
+                if let Some(node) = instance.node.as_deref()
+                    && !s.gossip.live.contains_key(node)
+                {
+                    doubted.nodes.insert(node.to_string());
+                    doubted.shortest_ttl_s = Some(doubted.shortest_ttl_s.map_or(instance.ttl_s, |t| t.min(instance.ttl_s)));
+                }
+            }
+            doubted
+        })
     }
 
     fn with_sources<T>(&self, f: impl FnOnce(&mut Sources) -> T) -> T {
@@ -221,7 +271,7 @@ impl Cache {
             let previous = self.snapshot();
             let self_preservation = sources.registry.self_preservation;
             let merged = match kind {
-                Change::Catalog => Some(merge(&sources.registry, &sources.gossip, &mut sources.made)),
+                Change::Catalog => Some(merge(&sources.registry, &sources.gossip, &mut sources.evidence, Utc::now(), &mut sources.made)),
                 Change::Status => None,
             };
             // Shared instances compare by pointer first, so an unchanged catalog costs a
@@ -271,34 +321,58 @@ fn reuse(previous: &HashMap<String, Arc<Instance>>, built: Instance) -> Arc<Inst
 /// The merge rule:
 /// - an instance with an owner node that is alive in gossip is described by that node's
 ///   gossip (fresher than the registry); if that node no longer publishes it, it is gone;
-/// - an instance whose owner is dead in gossip is critical, whatever the registry says;
-/// - an instance whose owner gossip does not know, or with no owner, is the registry's;
+/// - an instance whose owner gossip saw die is critical, whatever the registry says, also
+///   after gossip forgets the dead node, until there is evidence of life newer than the
+///   death: the owner alive in gossip again, or a fresh renewal at the registry after it;
+/// - an instance whose owner gossip never saw alive is the registry's only while that owner
+///   renewed recently (or while this agent is still settling into gossip), critical otherwise;
+/// - an instance with no owner is the registry's;
 /// - a node may only describe its own instances: a gossip claim on an instance the registry
 ///   gives to another node is ignored.
 ///
 /// `made` holds the instances the previous merge made (not taken as they are from the
 /// registry) and is replaced by this merge's.
-pub fn merge(registry: &RegistryView, gossip: &GossipView, made: &mut HashMap<String, Arc<Instance>>) -> Services {
+pub fn merge(
+    registry: &RegistryView,
+    gossip: &GossipView,
+    evidence: &mut Evidence,
+    now: DateTime<Utc>,
+    made: &mut HashMap<String, Arc<Instance>>,
+) -> Services {
     let mut merged: BTreeMap<&str, Arc<Instance>> = BTreeMap::new();
     let mut made_now: HashMap<String, Arc<Instance>> = HashMap::new();
     let known: HashMap<&str, &Instance> = registry.instances.iter().map(|i| (i.id.as_str(), &**i)).collect();
+    let owners: BTreeSet<&str> = registry.instances.iter().filter_map(|i| i.node.as_deref()).collect();
+    evidence.forget_unowned(&owners, &gossip.dead);
     for instance in &registry.instances {
-        match instance.node.as_deref() {
-            Some(node) if gossip.live.contains_key(node) => {} // its owner's gossip decides below
-            Some(node) if gossip.dead.contains(node) => {
-                let mut dead = Instance::clone(instance);
-                dead.health = Health::Critical;
-                dead.output = Some(format!("agent `{node}` is dead in gossip"));
-                let dead = reuse(made, dead);
-                made_now.insert(instance.id.clone(), dead.clone());
-                merged.insert(instance.id.as_str(), dead);
-            }
-            _ => {
+        let doubt = match instance.node.as_deref() {
+            Some(node) if gossip.live.contains_key(node) => continue, // its owner's gossip decides below
+            Some(node) => match evidence.verdict(node, instance.ttl_s, now) {
+                Verdict::Believe => None,
+                Verdict::Dead(at) => Some(format!(
+                    "agent `{node}` was found dead in gossip at {}; no evidence of life since",
+                    at.format("%Y-%m-%dT%H:%M:%SZ")
+                )),
+                Verdict::Unconfirmed => {
+                    Some(format!("agent `{node}` is not in this agent's gossip and has not renewed at the registry recently"))
+                }
+            },
+            None => None,
+        };
+        match doubt {
+            None => {
                 merged.insert(instance.id.as_str(), instance.clone());
+            }
+            Some(why) => {
+                let mut doubted = Instance::clone(instance);
+                doubted.health = Health::Critical;
+                doubted.output = Some(why);
+                let doubted = reuse(made, doubted);
+                made_now.insert(instance.id.clone(), doubted.clone());
+                merged.insert(instance.id.as_str(), doubted);
             }
         }
     }
-    let now = Utc::now();
     for (node, peer) in &gossip.live {
         for (id, published) in &peer.instances {
             let registered = known.get(id.as_str()).copied();
@@ -388,6 +462,14 @@ mod tests {
         }
     }
 
+    /// The merge by an agent that started now and settles into gossip for `settle`.
+    fn merged(registry: &RegistryView, gossip: &GossipView, settle: Duration) -> Services {
+        let now = Utc::now();
+        let mut evidence = Evidence::new(now, settle);
+        evidence.observe_gossip(std::iter::empty(), &gossip.live, &gossip.dead, now);
+        merge(registry, gossip, &mut evidence, now, &mut HashMap::new())
+    }
+
     fn health_of(services: &Services, id: &str) -> Option<Health> {
         services.values().flatten().find(|i| i.id == id).map(|i| i.health)
     }
@@ -396,7 +478,7 @@ mod tests {
     fn gossip_is_fresher_for_a_live_owner() {
         let registry = RegistryView { instances: vec![registered("a", Some("n1"))], ..Default::default() };
         let gossip = GossipView { live: [("n1".to_string(), peer(&[("a", published(Health::Critical))]))].into(), ..Default::default() };
-        let merged = merge(&registry, &gossip, &mut HashMap::new());
+        let merged = merged(&registry, &gossip, Duration::ZERO);
         assert_eq!(health_of(&merged, "a"), Some(Health::Critical));
         assert_eq!(merged["web"][0].port, 81);
     }
@@ -405,7 +487,7 @@ mod tests {
     fn a_dead_owner_makes_its_instances_critical() {
         let registry = RegistryView { instances: vec![registered("a", Some("n1")), registered("b", None)], ..Default::default() };
         let gossip = GossipView { dead: BTreeSet::from(["n1".to_string()]), ..Default::default() };
-        let merged = merge(&registry, &gossip, &mut HashMap::new());
+        let merged = merged(&registry, &gossip, Duration::ZERO);
         assert_eq!(health_of(&merged, "a"), Some(Health::Critical));
         assert_eq!(health_of(&merged, "b"), Some(Health::Passing), "agentless instances are the registry's");
     }
@@ -414,16 +496,18 @@ mod tests {
     fn unknown_owners_and_gossip_only_instances() {
         let registry = RegistryView { instances: vec![registered("a", Some("far-away"))], ..Default::default() };
         let gossip = GossipView { live: [("n2".to_string(), peer(&[("new", published(Health::Passing))]))].into(), ..Default::default() };
-        let merged = merge(&registry, &gossip, &mut HashMap::new());
-        assert_eq!(health_of(&merged, "a"), Some(Health::Passing), "gossip does not know its owner: the registry's word");
-        assert_eq!(health_of(&merged, "new"), Some(Health::Passing), "not registered yet, but live in gossip");
+        let settling = merged(&registry, &gossip, Duration::from_secs(10));
+        assert_eq!(health_of(&settling, "a"), Some(Health::Passing), "gossip may not have found its owner yet: the registry's word");
+        let settled = merged(&registry, &gossip, Duration::ZERO);
+        assert_eq!(health_of(&settled, "a"), Some(Health::Critical), "gossip never saw its owner and nothing vouches for it");
+        assert_eq!(health_of(&settled, "new"), Some(Health::Passing), "not registered yet, but live in gossip");
     }
 
     #[test]
     fn a_live_owner_that_stopped_publishing_removed_it() {
         let registry = RegistryView { instances: vec![registered("a", Some("n1"))], ..Default::default() };
         let gossip = GossipView { live: [("n1".to_string(), peer(&[]))].into(), ..Default::default() };
-        assert!(merge(&registry, &gossip, &mut HashMap::new()).is_empty());
+        assert!(merged(&registry, &gossip, Duration::ZERO).is_empty());
     }
 
     #[test]
@@ -437,7 +521,7 @@ mod tests {
             .into(),
             ..Default::default()
         };
-        let merged = merge(&registry, &gossip, &mut HashMap::new());
+        let merged = merged(&registry, &gossip, Duration::ZERO);
         assert_eq!(health_of(&merged, "a"), Some(Health::Passing));
         assert_eq!(merged["web"][0].node.as_deref(), Some("n1"));
     }

@@ -376,10 +376,10 @@ impl AgentConfig {
         if self.gossip_interval < Duration::from_millis(10) || self.gossip_interval > Duration::from_secs(10) {
             errors.add("gossip_interval", "must be between 10ms and 10s");
         }
-        // Forgetting a dead node too soon would hand its instances back to the registry's word
-        // (still passing until the lease runs out).
-        if self.dead_node_grace < Duration::from_secs(60) {
-            errors.add("dead_node_grace", "must be at least 1m");
+        // Forgetting a dead node does not hand its instances back to the registry's word (the
+        // merge rule remembers the death), so this only has to outlast a few gossip rounds.
+        if self.dead_node_grace < Duration::from_secs(2) || self.dead_node_grace < self.gossip_interval * 20 {
+            errors.add("dead_node_grace", "must be at least 2s and at least 20 gossip intervals");
         }
         if !(1.0..=100.0).contains(&self.phi_threshold) {
             errors.add("phi_threshold", "must be between 1 and 100");

@@ -11,17 +11,21 @@
 //! - [`gossip_transport`]: chitchat's UDP socket, sealed by [`gossip_seal`] with the keys
 //!   of [`gossip_key`].
 //! - [`cache`]: the merge rule and the snapshot lookups read. [`persist`]: the saved cache.
+//! - [`evidence`]: deaths seen in gossip and renewals at the registry, which the merge rule
+//!   weighs for owners gossip does not show alive; [`liveness`] asks the registry for them.
 //! - [`api`]: the local HTTP API. [`metrics`]: Prometheus text.
 
 pub mod api;
 pub mod cache;
 pub mod checks;
 pub mod config;
+pub mod evidence;
 pub mod feed;
 pub mod gossip;
 pub mod gossip_key;
 pub mod gossip_seal;
 pub mod gossip_transport;
+pub mod liveness;
 pub mod local;
 pub mod metrics;
 pub mod page;
@@ -108,7 +112,7 @@ const KEY_FILE_POLL: Duration = Duration::from_secs(1);
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let node = config.node_name();
     let metrics = Arc::new(Metrics::new());
-    let cache = Arc::new(Cache::default());
+    let cache = Arc::new(Cache::new(liveness::settling_window(config.gossip_interval)));
     let cache_file = persist::path(&config.data_dir);
     match tokio::task::spawn_blocking({
         let file = cache_file.clone();
@@ -218,6 +222,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         "gossip",
         gossip::run(gossip.clone(), local.clone(), cache.clone(), metrics.clone(), work.clone()).instrument(tracing::info_span!("gossip")),
     ));
+    // Peers known from the saved catalog, so that gossip finds them also while the registry
+    // is down.
+    for agent in &cache.registry().agents {
+        if let Ok(addr) = agent.gossip_addr.parse::<SocketAddr>() {
+            gossip.introduce(addr);
+        }
+    }
+    tasks.spawn(named("liveness", liveness::run(client.clone(), cache.clone(), work.clone()).instrument(tracing::info_span!("liveness"))));
     tasks.spawn(named(
         "feed",
         feed::follow(client.clone(), cache.clone(), gossip.clone(), config.catalog_wait, metrics.clone(), work.clone())

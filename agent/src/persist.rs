@@ -340,6 +340,8 @@ pub fn decode(bytes: &[u8]) -> Result<RegistryView, String> {
             alive: a.alive,
             updated_at: time(a.times_ms.0),
             lease_expires_at: time(a.times_ms.1),
+            // Evidence of life is only ever taken fresh from the registry, never from disk.
+            renewed_at: None,
         })
         .collect();
     // Index 0: the feed starts with a full fetch.

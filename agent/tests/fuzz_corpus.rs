@@ -79,6 +79,7 @@ fn sample_view() -> RegistryView {
             alive: true,
             updated_at: at(1_767_225_590_000),
             lease_expires_at: at(1_767_225_620_000),
+            renewed_at: None,
         }],
         confirmed_at: Some(at(1_767_225_599_000)),
     }

@@ -194,7 +194,7 @@ pub fn gossip_value(data: &[u8]) {
     assert_eq!(refused.len(), bad, "every refused value is reported once: {refused:?}");
 
     let gossip_view = GossipView { live: [(node.to_string(), peer.clone())].into(), ..Default::default() };
-    let merged = cache::merge(&RegistryView::default(), &gossip_view, &mut Default::default());
+    let merged = cache::merge(&RegistryView::default(), &gossip_view, &mut Default::default(), chrono::Utc::now(), &mut Default::default());
     let ids: Vec<&str> = merged.values().flatten().map(|i| i.id.as_str()).collect();
     assert_eq!(ids.len(), peer.instances.len());
     for instance in merged.values().flatten() {

@@ -129,7 +129,7 @@ async fn record(
         return;
     };
     entry.in_flight = false;
-    let now_ms = chrono::Utc::now().timestamp_millis();
+    let now_ms = store.now_ms();
     let result = if health == Health::Critical {
         entry.failures = entry.failures.saturating_add(1);
         if entry.failures < config.failures_before_critical {

@@ -175,7 +175,7 @@ impl CatalogCache {
         if failed_recently {
             return Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut));
         }
-        let now_ms = chrono::Utc::now().timestamp_millis();
+        let now_ms = self.store.now_ms();
         let loaded = self.store.load_catalog(now_ms).await;
         if let Ok(mut failed_at) = self.failed_at.lock() {
             *failed_at = if loaded.is_err() { Some(Instant::now()) } else { None };

@@ -34,7 +34,7 @@ pub async fn run(
         if !*leader.borrow() {
             continue;
         }
-        let now_ms = chrono::Utc::now().timestamp_millis();
+        let now_ms = store.now_ms();
         let hold_allowed = holding_since.is_none_or(|since| since.elapsed() < max_hold);
         if !hold_allowed && holding {
             tracing::warn!(held_for = ?max_hold, "self-preservation held too long; expiring the lapsed leases");

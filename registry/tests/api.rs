@@ -466,12 +466,17 @@ async fn each_token_may_do_what_its_role_allows_and_nothing_else() {
     assert_eq!(heartbeat("web-b", node_a).await, StatusCode::FORBIDDEN);
     assert_eq!(heartbeat("web-b", fleet).await, StatusCode::OK);
     assert_eq!(heartbeat("web-b", reader).await, StatusCode::FORBIDDEN);
-    // Maintenance is the admin's.
-    let maintenance =
-        |token: &str| send(client.put(registry.at("/v1/instances/web-a/maintenance")).json(&json!({"enabled": false})), Some(token));
-    assert_eq!(maintenance(node_a).await, StatusCode::FORBIDDEN);
-    assert_eq!(maintenance(fleet).await, StatusCode::FORBIDDEN);
-    assert_eq!(maintenance(admin).await, StatusCode::OK);
+    // Maintenance: the admin, a fleet agent, or the agent of the instance's own node (an agent
+    // puts its own services into maintenance after every first registration).
+    let maintenance = |id: &str, token: &str| {
+        send(client.put(registry.at(&format!("/v1/instances/{id}/maintenance"))).json(&json!({"enabled": false})), Some(token))
+    };
+    assert_eq!(maintenance("web-a", node_a).await, StatusCode::OK);
+    assert_eq!(maintenance("web-b", node_a).await, StatusCode::FORBIDDEN, "another node's instance");
+    assert_eq!(maintenance("web-1", node_a).await, StatusCode::FORBIDDEN, "an agentless instance");
+    assert_eq!(maintenance("web-a", reader).await, StatusCode::FORBIDDEN);
+    assert_eq!(maintenance("web-a", fleet).await, StatusCode::OK);
+    assert_eq!(maintenance("web-a", admin).await, StatusCode::OK);
     // Agents announce only themselves.
     let announce = |node: &str, token: &str| {
         send(

@@ -29,7 +29,7 @@ fn policy() -> SweepPolicy {
 }
 
 async fn register_get_deregister(store: &Store) {
-    let (created, outcome) = store.register(&spec("web-1", "web", 30), T0, None).await.expect("register");
+    let (created, outcome) = store.register(&spec("web-1", "web", 30), T0, None, false).await.expect("register");
     assert_eq!(outcome, Registered::Created);
     assert_eq!(created.health, Health::Passing);
     assert_eq!(created.lease_expires_at.timestamp_millis(), T0 + 30_000);
@@ -41,14 +41,14 @@ async fn register_get_deregister(store: &Store) {
 }
 
 async fn repeated_registration_never_duplicates(store: &Store) {
-    let (first, _) = store.register(&spec("web-1", "web", 30), T0, None).await.expect("register");
-    let (again, outcome) = store.register(&spec("web-1", "web", 30), T0 + 1000, None).await.expect("register again");
+    let (first, _) = store.register(&spec("web-1", "web", 30), T0, None, false).await.expect("register");
+    let (again, outcome) = store.register(&spec("web-1", "web", 30), T0 + 1000, None, false).await.expect("register again");
     assert_eq!(outcome, Registered::Renewed);
     assert_eq!(again.index, first.index, "an identical registration must not move the index");
     assert_eq!(again.lease_expires_at.timestamp_millis(), T0 + 31_000);
     let mut moved = spec("web-1", "web", 30);
     moved.port = 9090;
-    let (updated, outcome) = store.register(&moved, T0 + 2000, None).await.expect("update");
+    let (updated, outcome) = store.register(&moved, T0 + 2000, None, false).await.expect("update");
     assert_eq!(outcome, Registered::Updated);
     assert_eq!(updated.port, 9090);
     assert!(updated.index > first.index);
@@ -59,12 +59,12 @@ async fn repeated_registration_never_duplicates(store: &Store) {
     // A registration that names no health keeps the one a check reported.
     let critical = Heartbeat { health: Some(Health::Critical), output: Some("down".into()) };
     store.heartbeat("web-1", &critical, T0 + 3000, None).await.expect("heartbeat");
-    let (again, outcome) = store.register(&moved, T0 + 4000, None).await.expect("register again");
+    let (again, outcome) = store.register(&moved, T0 + 4000, None, false).await.expect("register again");
     assert_eq!((again.health, outcome), (Health::Critical, Registered::Renewed));
 }
 
 async fn heartbeat_renews_and_reports_health(store: &Store) {
-    let (first, _) = store.register(&spec("web-1", "web", 30), T0, None).await.expect("register");
+    let (first, _) = store.register(&spec("web-1", "web", 30), T0, None, false).await.expect("register");
     let beat = store.heartbeat("web-1", &Heartbeat::default(), T0 + 5000, None).await.expect("heartbeat").expect("exists");
     assert_eq!(beat.lease_expires_at.timestamp_millis(), T0 + 35_000);
     assert_eq!(beat.index, first.index, "a plain heartbeat does not move the index");
@@ -77,24 +77,24 @@ async fn heartbeat_renews_and_reports_health(store: &Store) {
 }
 
 async fn maintenance_wins_over_checks(store: &Store) {
-    store.register(&spec("web-1", "web", 30), T0, None).await.expect("register");
+    store.register(&spec("web-1", "web", 30), T0, None, false).await.expect("register");
     let on = Maintenance { enabled: true, reason: Some("deploy".into()) };
-    let instance = store.set_maintenance("web-1", &on, T0).await.expect("maintenance").expect("exists");
+    let instance = store.set_maintenance("web-1", &on, T0, None).await.expect("maintenance").expect("exists");
     assert_eq!(instance.health, Health::Maintenance);
     assert_eq!(instance.maintenance_reason.as_deref(), Some("deploy"));
     let instance = store.heartbeat("web-1", &Heartbeat::default(), T0 + 1, None).await.expect("hb").expect("exists");
     assert_eq!(instance.health, Health::Maintenance, "a heartbeat does not end maintenance");
     let off = Maintenance { enabled: false, reason: None };
-    let instance = store.set_maintenance("web-1", &off, T0 + 2).await.expect("maintenance").expect("exists");
+    let instance = store.set_maintenance("web-1", &off, T0 + 2, None).await.expect("maintenance").expect("exists");
     assert_eq!(instance.health, Health::Passing);
-    assert!(store.set_maintenance("nope", &off, T0).await.expect("maintenance").is_none());
+    assert!(store.set_maintenance("nope", &off, T0, None).await.expect("maintenance").is_none());
 }
 
 async fn sweep_expires_then_removes(store: &Store) {
     for i in 0..5 {
-        store.register(&spec(&format!("long-{i}"), "web", 300), T0, None).await.expect("register");
+        store.register(&spec(&format!("long-{i}"), "web", 300), T0, None, false).await.expect("register");
     }
-    store.register(&spec("short", "web", 1), T0, None).await.expect("register");
+    store.register(&spec("short", "web", 1), T0, None, false).await.expect("register");
     let report = store.sweep_now(&policy(), T0 + 500).await.expect("sweep");
     assert!(report.expired.is_empty() && report.removed.is_empty());
     let report = store.sweep_now(&policy(), T0 + 1500).await.expect("sweep");
@@ -111,9 +111,9 @@ async fn sweep_expires_then_removes(store: &Store) {
 
 async fn heartbeat_revives_an_expired_lease(store: &Store) {
     for i in 0..5 {
-        store.register(&spec(&format!("long-{i}"), "web", 300), T0, None).await.expect("register");
+        store.register(&spec(&format!("long-{i}"), "web", 300), T0, None, false).await.expect("register");
     }
-    store.register(&spec("short", "web", 1), T0, None).await.expect("register");
+    store.register(&spec("short", "web", 1), T0, None, false).await.expect("register");
     store.sweep_now(&policy(), T0 + 2000).await.expect("sweep");
     assert_eq!(store.instance("short").await.expect("get").expect("exists").health, Health::Critical);
     let revived = store.heartbeat("short", &Heartbeat::default(), T0 + 2500, None).await.expect("hb").expect("exists");
@@ -122,9 +122,9 @@ async fn heartbeat_revives_an_expired_lease(store: &Store) {
 
 async fn self_preservation_holds_the_catalog(store: &Store) {
     for i in 0..8 {
-        store.register(&spec(&format!("web-{i}"), "web", 1), T0, None).await.expect("register");
+        store.register(&spec(&format!("web-{i}"), "web", 1), T0, None, false).await.expect("register");
     }
-    store.register(&spec("long", "web", 300), T0, None).await.expect("register");
+    store.register(&spec("long", "web", 300), T0, None, false).await.expect("register");
     let report = store.sweep_now(&policy(), T0 + 2000).await.expect("sweep");
     assert!(report.self_preservation, "8 of 9 lapsed at once");
     assert!(report.expired.is_empty());
@@ -149,7 +149,7 @@ async fn self_preservation_holds_the_catalog(store: &Store) {
 }
 
 async fn small_fleets_expire_normally(store: &Store) {
-    store.register(&spec("only", "web", 1), T0, None).await.expect("register");
+    store.register(&spec("only", "web", 1), T0, None, false).await.expect("register");
     let report = store.sweep_now(&policy(), T0 + 2000).await.expect("sweep");
     assert!(!report.self_preservation, "below the minimum fleet size");
     assert_eq!(report.expired, ["only"]);
@@ -158,7 +158,7 @@ async fn small_fleets_expire_normally(store: &Store) {
 async fn live_agent_owner_blocks_deregistration(store: &Store) {
     let mut owned = spec("web-1", "web", 30);
     owned.node = Some("node-a".into());
-    store.register(&owned, T0, None).await.expect("register");
+    store.register(&owned, T0, None, false).await.expect("register");
     let announcement =
         AgentAnnouncement { gossip_addr: "10.0.0.1:7302".into(), http_addr: "10.0.0.1:7301".into(), zone: None, ttl_s: Some(10) };
     let agent = store.announce_agent("node-a", &announcement, T0).await.expect("announce");
@@ -177,7 +177,7 @@ async fn live_agent_owner_blocks_deregistration(store: &Store) {
         Deregistered::Removed,
         "the owner may"
     );
-    store.register(&owned, T0, None).await.expect("register");
+    store.register(&owned, T0, None, false).await.expect("register");
     assert_eq!(
         store.deregister("web-1", None, T0 + 11_000, None).await.expect("deregister"),
         Deregistered::Removed,
@@ -199,9 +199,9 @@ async fn agents_announce_idempotently(store: &Store) {
 }
 
 async fn catalog_is_ordered_and_indexed(store: &Store) {
-    store.register(&spec("b-2", "beta", 30), T0, None).await.expect("register");
-    store.register(&spec("a-1", "alpha", 30), T0, None).await.expect("register");
-    store.register(&spec("b-1", "beta", 30), T0, None).await.expect("register");
+    store.register(&spec("b-2", "beta", 30), T0, None, false).await.expect("register");
+    store.register(&spec("a-1", "alpha", 30), T0, None, false).await.expect("register");
+    store.register(&spec("b-1", "beta", 30), T0, None, false).await.expect("register");
     let catalog = store.load_catalog(T0).await.expect("catalog");
     let ids: Vec<&str> = catalog.instances.iter().map(|i| i.id.as_str()).collect();
     assert_eq!(ids, ["a-1", "b-1", "b-2"]);
@@ -215,7 +215,7 @@ async fn probe_failure_marks_critical_without_renewing(store: &Store) {
         "check": {"tcp": "10.0.0.2:5432", "interval": "1s", "timeout": "500ms"}
     }))
     .expect("registration");
-    let (before, _) = store.register(&registration.validate().expect("valid"), T0, None).await.expect("register");
+    let (before, _) = store.register(&registration.validate().expect("valid"), T0, None, false).await.expect("register");
     let targets = store.probe_targets().await.expect("targets");
     assert_eq!(targets.len(), 1);
     assert_eq!(targets[0].check.tcp.as_deref(), Some("10.0.0.2:5432"));
@@ -230,7 +230,7 @@ async fn concurrent_writes_get_distinct_indexes(store: &Store) {
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..20 {
         let store = store.clone();
-        tasks.spawn(async move { store.register(&spec(&format!("w-{i}"), "web", 30), T0, None).await.expect("register").0.index });
+        tasks.spawn(async move { store.register(&spec(&format!("w-{i}"), "web", 30), T0, None, false).await.expect("register").0.index });
     }
     let mut indexes = tasks.join_all().await;
     indexes.sort();

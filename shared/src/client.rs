@@ -90,6 +90,14 @@ pub enum ClientError {
     /// The client could not be built.
     #[error("cannot build the registry client: {0}")]
     Build(String),
+    /// The caller's deadline for a call passed before the registry answered.
+    #[error("the registry did not answer {call} within {after:?}")]
+    Deadline {
+        /// Which call.
+        call: String,
+        /// The deadline.
+        after: Duration,
+    },
 }
 
 impl ClientError {
@@ -286,6 +294,13 @@ impl RegistryClient {
     /// `GET /v1/agents`.
     pub async fn agents(&self) -> Result<AgentsPage, ClientError> {
         self.json(Method::GET, &["v1", "agents"], vec![], None::<&()>).await.map(|(_, p)| p)
+    }
+
+    /// `GET /v1/agents?node=…`: the agents of `nodes` only (at most 100 per call), with the
+    /// registry's clock.
+    pub async fn agents_named(&self, nodes: &[String]) -> Result<AgentsPage, ClientError> {
+        let query = nodes.iter().map(|node| ("node", node.clone())).collect();
+        self.json(Method::GET, &["v1", "agents"], query, None::<&()>).await.map(|(_, p)| p)
     }
 
     async fn json<B: Serialize, T: DeserializeOwned>(

@@ -193,15 +193,39 @@ pub struct AgentInfo {
     pub updated_at: DateTime<Utc>,
     /// When its announcement runs out.
     pub lease_expires_at: DateTime<Utc>,
+    /// When it last renewed its announcement, in the registry's clock: evidence that it
+    /// lives, for agents whose gossip does not reach it (see `AgentsPage::now`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewed_at: Option<DateTime<Utc>>,
 }
 
-/// The answer of `GET /v1/agents`.
+/// The answer of `GET /v1/agents` (optionally `?node=A&node=B`: only those agents).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentsPage {
     /// The catalog's change index.
     pub index: u64,
-    /// Every known agent, by node.
+    /// Every known agent (or the ones asked for), by node.
     pub agents: Vec<AgentInfo>,
+    /// The registry's clock when it answered, so that a reader can tell how long ago each
+    /// agent renewed without trusting that the two clocks agree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub now: Option<DateTime<Utc>>,
+}
+
+/// How often an agent renews its announcement at the registry: a third of its lease, but at
+/// least every [`MAX_ANNOUNCE_PERIOD`], so that a renewal is fresh evidence of life.
+pub fn announce_period(lease_ttl_s: u32) -> std::time::Duration {
+    (std::time::Duration::from_secs(u64::from(lease_ttl_s)) / 3).clamp(std::time::Duration::from_secs(1), MAX_ANNOUNCE_PERIOD)
+}
+
+/// The longest time between two announcements of a live agent.
+pub const MAX_ANNOUNCE_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How recent a renewal must be for an agent that gossip cannot vouch for to be believed
+/// alive: three announcement periods (one missed renewal, plus the registry's read cache
+/// and the time the answer took).
+pub fn renewal_window(lease_ttl_s: u32) -> std::time::Duration {
+    announce_period(lease_ttl_s) * 3
 }
 
 /// The answer of `GET /v1/catalog`: everything, at one change index.

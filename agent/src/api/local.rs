@@ -24,7 +24,8 @@ fn local_error(error: LocalError) -> ApiError {
     }
 }
 
-/// Adds (or replaces) a local service: 201 with its registration.
+/// Adds (or replaces) a local service: 201 with its registration; 409 when a live peer owns
+/// its id.
 pub fn add_service(state: Arc<AgentState>, body: Result<Body, ApiError>) -> Result<Response, ApiError> {
     let service: ServiceConfig = body?.json()?;
     let mut errors = ValidationErrors::default();
@@ -34,9 +35,25 @@ pub fn add_service(state: Arc<AgentState>, body: Result<Body, ApiError>) -> Resu
     }
     let registration = service.registration(&state.node, &state.address, state.config.zone.as_deref());
     let spec = registration.clone().validate()?;
+    if let Some(owner) = live_owner_elsewhere(&state, &spec.id) {
+        return Err(ApiError::Conflict(format!(
+            "instance id `{}` belongs to node `{owner}`, which is alive; ids belong to one node at a time: give this service another id",
+            spec.id
+        )));
+    }
     state.local.upsert(spec, &service.checks).map_err(local_error)?;
     tracing::info!(instance = %registration.id, service = %registration.service, "local service added");
     Ok(json(StatusCode::CREATED, &registration))
+}
+
+/// The node other than this one that owns instance `id` and is alive (in gossip, or by its
+/// announcement at the registry), if any: the registry would refuse the id (409).
+fn live_owner_elsewhere(state: &AgentState, id: &str) -> Option<String> {
+    let snapshot = state.cache.snapshot();
+    let owner = snapshot.instances().find(|i| i.id == id)?.node.clone().filter(|node| *node != state.node)?;
+    let in_gossip = snapshot.members.iter().any(|m| m.node == owner && m.state == "alive");
+    let announced = state.cache.registry().agents.iter().any(|a| a.node == owner && a.alive);
+    (in_gossip || announced).then_some(owner)
 }
 
 /// Removes a local service; the syncer deregisters it.

@@ -6,7 +6,7 @@
 //! | token | may |
 //! |---|---|
 //! | admin | everything |
-//! | agent of node N (`agent_tokens_file`) | read; register, heartbeat and deregister instances whose `node` is N; announce agent N |
+//! | agent of node N (`agent_tokens_file`) | read; register, heartbeat, set maintenance of and deregister instances whose `node` is N; announce agent N |
 //! | fleet agent (`agent_token`) | what an agent may, for any node |
 //! | read-only | read |
 //!

@@ -7,8 +7,10 @@ use crate::store::StoreError;
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
-        if let StoreError::NotOwner { .. } = error {
-            return ApiError::Forbidden(error.to_string());
+        match error {
+            StoreError::NotOwner { .. } => return ApiError::Forbidden(error.to_string()),
+            StoreError::OwnedByLiveNode { .. } => return ApiError::Conflict(error.to_string()),
+            _ => {}
         }
         if error.is_unavailable() { ApiError::Unavailable(error.to_string()) } else { ApiError::Internal(error.to_string()) }
     }

@@ -15,10 +15,6 @@ use super::request::Body;
 use super::{AppState, json, with_index};
 use crate::store::{Deregistered, Registered};
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
 /// The `node` query parameter of a deregistration: the owner agent removing its own instance.
 fn owner_node(raw_query: &str) -> Result<Option<String>, ApiError> {
     let mut node = None;
@@ -33,17 +29,44 @@ fn owner_node(raw_query: &str) -> Result<Option<String>, ApiError> {
     Ok(node)
 }
 
+/// The query of a registration: `move=true` lets the admin move an id to another node.
+fn move_requested(raw_query: &str) -> Result<bool, ApiError> {
+    let mut requested = false;
+    for (key, value) in url::form_urlencoded::parse(raw_query.as_bytes()) {
+        if key != "move" {
+            let message = format!("unknown query parameter `{}`; this endpoint takes: move", validate::clip(&key));
+            return Err(ApiError::bad_request("invalid_query", message));
+        }
+        requested = match value.as_ref() {
+            "true" => true,
+            "false" => false,
+            other => return Err(ApiError::bad_request("invalid_query", format!("move: `{}` is not true or false", validate::clip(other)))),
+        };
+    }
+    Ok(requested)
+}
+
 /// Refuses an id that cannot exist (400) before it reaches the database.
 fn checked_id(id: &str) -> Result<(), ApiError> {
     validate::instance_id(id).map_err(|problem| ApiError::bad_request("invalid_id", format!("instance id: {problem}")))
 }
 
-/// Registers or updates an instance: 201 when new, 200 otherwise.
-pub async fn register(state: Arc<AppState>, authorization: Option<String>, body: Result<Body, ApiError>) -> Result<Response, ApiError> {
+/// Registers or updates an instance: 201 when new, 200 otherwise; 409 when another node's
+/// live agent owns the id (the admin moves it with `?move=true`).
+pub async fn register(
+    state: Arc<AppState>,
+    authorization: Option<String>,
+    raw_query: String,
+    body: Result<Body, ApiError>,
+) -> Result<Response, ApiError> {
     state.auth.check_instance_writer(authorization.as_deref())?;
+    let move_allowed = move_requested(&raw_query)?;
+    if move_allowed {
+        state.auth.check_admin(authorization.as_deref())?;
+    }
     let spec = body?.json::<Registration>()?.validate()?;
     let caller = state.auth.check_node_write(authorization.as_deref(), spec.node.as_deref())?;
-    let (instance, outcome) = state.store.register(&spec, now_ms(), caller.bound_node()).await?;
+    let (instance, outcome) = state.store.register(&spec, state.store.now_ms(), caller.bound_node(), move_allowed).await?;
     let status = if outcome == Registered::Created { StatusCode::CREATED } else { StatusCode::OK };
     if outcome != Registered::Renewed {
         tracing::info!(instance = %instance.id, service = %instance.service, created = outcome == Registered::Created, "registered");
@@ -72,25 +95,29 @@ pub async fn heartbeat(
     heartbeat.validate()?;
     let instance = state
         .store
-        .heartbeat(&id, &heartbeat, now_ms(), caller.bound_node())
+        .heartbeat(&id, &heartbeat, state.store.now_ms(), caller.bound_node())
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no instance `{id}`; register it again")))?;
     Ok(json(StatusCode::OK, &instance))
 }
 
-/// Turns maintenance on or off.
+/// Turns maintenance on or off: the admin, a fleet agent, or the agent of the instance's
+/// own node (an agent sets its own services' maintenance).
 pub async fn maintenance(
     state: Arc<AppState>,
     authorization: Option<String>,
     id: String,
     body: Result<Body, ApiError>,
 ) -> Result<Response, ApiError> {
-    state.auth.check_admin(authorization.as_deref())?;
+    let caller = state.auth.check_instance_writer(authorization.as_deref())?;
     checked_id(&id)?;
     let maintenance: Maintenance = body?.json()?;
     maintenance.validate()?;
-    let instance =
-        state.store.set_maintenance(&id, &maintenance, now_ms()).await?.ok_or_else(|| ApiError::NotFound(format!("no instance `{id}`")))?;
+    let instance = state
+        .store
+        .set_maintenance(&id, &maintenance, state.store.now_ms(), caller.bound_node())
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no instance `{id}`")))?;
     tracing::info!(instance = %id, enabled = maintenance.enabled, "maintenance changed");
     Ok(json(StatusCode::OK, &instance))
 }
@@ -105,7 +132,7 @@ pub async fn deregister(state: Arc<AppState>, authorization: Option<String>, id:
     {
         return Err(ApiError::Forbidden(format!("this agent token belongs to node `{own}`, not `{named}`")));
     }
-    match state.store.deregister(&id, caller.as_deref(), now_ms(), token.bound_node()).await? {
+    match state.store.deregister(&id, caller.as_deref(), state.store.now_ms(), token.bound_node()).await? {
         Deregistered::Removed => {
             tracing::info!(instance = %id, "deregistered");
             Ok(warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response())

@@ -83,8 +83,9 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
         .and(warp::post())
         .and(s())
         .and(authorization())
+        .and(raw_query())
         .and(body(state.max_body_bytes))
-        .then(|st, auth, body| async move { respond(instances::register(st, auth, body).await) });
+        .then(|st, auth, q, body| async move { respond(instances::register(st, auth, q, body).await) });
     let get_instance = warp::path!("v1" / "instances" / String)
         .and(warp::get())
         .and(s())
@@ -137,7 +138,8 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
         .and(warp::get())
         .and(s())
         .and(authorization())
-        .then(|st, auth| async move { respond(agents::list(st, auth).await) });
+        .and(raw_query())
+        .then(|st, auth, q| async move { respond(agents::list(st, auth, q).await) });
     let healthz = warp::path!("healthz").and(warp::get()).map(ops::healthz);
     // Before the start-up migration, everything but /healthz answers 503; afterwards this
     // rejects, and the request goes on to its route.

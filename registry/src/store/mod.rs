@@ -9,6 +9,7 @@
 mod rows;
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use signpost_shared::model::{CheckSpec, Health, Instance, InstanceSpec};
@@ -53,6 +54,8 @@ macro_rules! with_pool {
 
 const BUMP_INDEX: &str = "UPDATE catalog_state SET change_index = change_index + 1 WHERE id = 1 RETURNING change_index";
 const READ_STATE: &str = "SELECT change_index, self_preservation FROM catalog_state WHERE id = 1";
+/// The database's clock, in unix milliseconds (PostgreSQL; SQLite runs in this process).
+const PG_CLOCK: &str = "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
 
 /// Why a storage call failed.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +69,17 @@ pub enum StoreError {
     /// A stored value cannot be read back.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// Another node registered an id that a live node owns (409): ids belong to one node
+    /// at a time; the admin moves one explicitly (`?move=true`).
+    #[error(
+        "instance `{id}` belongs to node `{node}`, whose agent is alive; another node may not take it over (the admin may move it with ?move=true)"
+    )]
+    OwnedByLiveNode {
+        /// The instance.
+        id: String,
+        /// Its live owner.
+        node: String,
+    },
     /// A node-bound agent token tried to write an instance of another node.
     #[error("instance `{id}` belongs to {}; this token may only write instances of node `{owner}`", node.as_deref().map(|n| format!("node `{n}`")).unwrap_or_else(|| "no node".into()))]
     NotOwner {
@@ -76,6 +90,9 @@ pub enum StoreError {
         /// The node the token is bound to.
         owner: String,
     },
+    /// A row kept changing under a write: retry later (503).
+    #[error("{0}")]
+    Contended(String),
     /// The migrations failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -109,7 +126,7 @@ impl StoreError {
     /// True when the database is down or busy, so a retry later may succeed.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            StoreError::Unavailable(_) => true,
+            StoreError::Unavailable(_) | StoreError::Contended(_) => true,
             StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => is_connection_error(e),
             _ => false,
         }
@@ -215,6 +232,8 @@ pub struct Store {
     changes: watch::Sender<u64>,
     /// Whether the last read of the change index reached the database.
     reachable: watch::Sender<bool>,
+    /// The database's clock as last read, and when (this process's monotonic clock).
+    clock: Arc<std::sync::Mutex<Option<(i64, std::time::Instant)>>>,
 }
 
 // === impl Store ===
@@ -247,7 +266,7 @@ impl Store {
         };
         let (changes, _) = watch::channel(0);
         let (reachable, _) = watch::channel(true);
-        Ok(Store { backend, changes, reachable })
+        Ok(Store { backend, changes, reachable, clock: Arc::default() })
     }
 
     /// True on PostgreSQL (several replicas possible), false on SQLite.
@@ -335,26 +354,76 @@ impl Store {
         self.changes.send_replace(index);
     }
 
+    /// Now, in unix milliseconds, by the database's clock: every lease is stamped and swept
+    /// by one clock, whatever each replica's own says. PostgreSQL's clock is read with the
+    /// change index (every `index_poll_interval`) and advanced by this process's monotonic
+    /// clock in between, so a replica whose wall clock is off or jumps stamps correctly.
+    /// SQLite runs in this process: its clock is this host's.
+    pub fn now_ms(&self) -> i64 {
+        let read = match &self.backend {
+            Backend::Postgres(_) => self.clock.lock().ok().and_then(|c| *c),
+            Backend::Sqlite(_) => None,
+        };
+        match read {
+            Some((db_ms, at)) => db_ms.saturating_add(i64::try_from(at.elapsed().as_millis()).unwrap_or(i64::MAX)),
+            None => chrono::Utc::now().timestamp_millis(),
+        }
+    }
+
+    /// Reads PostgreSQL's clock, taking the middle of the round trip as when it was read.
+    async fn read_clock(&self) -> Result<(), StoreError> {
+        let Backend::Postgres(pool) = &self.backend else { return Ok(()) };
+        let sent = std::time::Instant::now();
+        let db_ms: i64 = sqlx::query_scalar(PG_CLOCK).fetch_one(pool).await?;
+        let at = sent + sent.elapsed() / 2;
+        if let Ok(mut clock) = self.clock.lock() {
+            *clock = Some((db_ms, at));
+        }
+        Ok(())
+    }
+
     async fn read_state(&self) -> Result<(u64, bool), StoreError> {
+        self.read_clock().await?;
         let (index, sp): (i64, bool) = with_pool!(self, pool => sqlx::query_as(READ_STATE).fetch_one(pool).await)?;
         Ok((to_u64(index), sp))
     }
 
     /// Registers or updates an instance (upsert by id).
-    pub async fn register(&self, spec: &InstanceSpec, now_ms: i64, owner: Option<&str>) -> Result<(Instance, Registered), StoreError> {
-        let existing = self.instance_row(&spec.id).await?;
-        let not_owner = |node: Option<String>, owner: &str| StoreError::NotOwner { id: spec.id.clone(), node, owner: owner.to_string() };
-        if let (Some(owner), Some(row)) = (owner, &existing)
-            && row.node.as_deref() != Some(owner)
-        {
-            return Err(not_owner(row.node.clone(), owner));
+    ///
+    /// `owner`, the node a node-bound agent token speaks for, may only write its own node's
+    /// instances. An id owned by a node whose agent is alive is not taken over by a
+    /// registration naming another node (or none), unless `move_allowed` (the admin's
+    /// explicit move): both rules are checked inside the write, so no race lets one through.
+    pub async fn register(
+        &self,
+        spec: &InstanceSpec,
+        now_ms: i64,
+        owner: Option<&str>,
+        move_allowed: bool,
+    ) -> Result<(Instance, Registered), StoreError> {
+        // A write that finds the id changed hands since it was read starts over.
+        for _ in 0..3 {
+            if let Some(done) = self.try_register(spec, now_ms, owner, move_allowed).await? {
+                return Ok(done);
+            }
         }
-        if let Some(row) = &existing
-            && row.describes(spec)?
-        {
-            let renewed = self.renew_lease(&spec.id, now_ms).await?;
-            if let Some(row) = renewed {
-                return Ok((row.into_instance()?, Registered::Renewed));
+        Err(StoreError::Contended(format!("instance `{}` kept changing while being registered; retry", spec.id)))
+    }
+
+    async fn try_register(
+        &self,
+        spec: &InstanceSpec,
+        now_ms: i64,
+        owner: Option<&str>,
+        move_allowed: bool,
+    ) -> Result<Option<(Instance, Registered)>, StoreError> {
+        let existing = self.instance_row(&spec.id).await?;
+        if let Some(row) = &existing {
+            self.check_takeover(row, spec, now_ms, owner, move_allowed).await?;
+            if row.describes(spec)?
+                && let Some(renewed) = self.renew_lease(&spec.id, now_ms).await?
+            {
+                return Ok(Some((renewed.into_instance()?, Registered::Renewed)));
             }
         }
         let tags = serde_json::to_string(&spec.tags).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -373,7 +442,9 @@ impl Store {
                  zone = excluded.zone, health = COALESCE($17, instances.health), node = excluded.node, check_spec = excluded.check_spec, \
                  ttl_s = excluded.ttl_s, lease_expired = excluded.lease_expired, change_index = excluded.change_index, \
                  updated_at = excluded.updated_at, lease_expires_at = excluded.lease_expires_at \
-                 WHERE $18 IS NULL OR instances.node = $18 \
+                 WHERE ($18 IS NULL OR instances.node = $18) \
+                 AND ($19 OR instances.node IS NULL OR instances.node = excluded.node \
+                      OR NOT EXISTS (SELECT 1 FROM agents WHERE agents.node = instances.node AND agents.lease_expires_at > $15)) \
                  RETURNING ", instance_columns!()))
                 .bind(&spec.id)
                 .bind(&spec.service)
@@ -393,21 +464,46 @@ impl Store {
                 .bind(lease)
                 .bind(spec.health.map(Health::as_str))
                 .bind(owner)
+                .bind(move_allowed)
                 .fetch_optional(&mut *tx)
                 .await?;
-            // None: another node's agent registered this id since it was read (rolled back).
+            // None: the id changed hands since it was read (rolled back with the bump).
             if row.is_some() {
                 tx.commit().await?;
             }
             (row, index)
         });
         let Some(row) = row else {
-            let node = self.instance_row(&spec.id).await?.and_then(|r| r.node);
-            return Err(not_owner(node, owner.unwrap_or_default()));
+            return Ok(None);
         };
         self.observe_index(to_u64(index));
         let outcome = if existing.is_some() { Registered::Updated } else { Registered::Created };
-        Ok((row.into_instance()?, outcome))
+        Ok(Some((row.into_instance()?, outcome)))
+    }
+
+    /// Refuses a registration of `row`'s id by someone who may not write it: a node-bound
+    /// token of another node (403), or another node (or none) while the owner's agent is
+    /// alive, unless the admin moves it (409).
+    async fn check_takeover(
+        &self,
+        row: &InstanceRow,
+        spec: &InstanceSpec,
+        now_ms: i64,
+        owner: Option<&str>,
+        move_allowed: bool,
+    ) -> Result<(), StoreError> {
+        if let Some(owner) = owner
+            && row.node.as_deref() != Some(owner)
+        {
+            return Err(StoreError::NotOwner { id: spec.id.clone(), node: row.node.clone(), owner: owner.to_string() });
+        }
+        match &row.node {
+            Some(node) if !move_allowed && spec.node.as_deref() != Some(node.as_str()) => {
+                let alive = self.agent_row(node).await?.is_some_and(|agent| agent.alive(now_ms));
+                if alive { Err(StoreError::OwnedByLiveNode { id: spec.id.clone(), node: node.clone() }) } else { Ok(()) }
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn renew_lease(&self, id: &str, now_ms: i64) -> Result<Option<InstanceRow>, StoreError> {
@@ -538,20 +634,39 @@ impl Store {
         Ok(())
     }
 
-    /// Turns maintenance on or off.
-    pub async fn set_maintenance(&self, id: &str, maintenance: &Maintenance, now_ms: i64) -> Result<Option<Instance>, StoreError> {
+    /// Turns maintenance on or off; the index moves only when that changes something.
+    /// `owner`, the node a node-bound agent token speaks for, may only set its own node's.
+    pub async fn set_maintenance(
+        &self,
+        id: &str,
+        maintenance: &Maintenance,
+        now_ms: i64,
+        owner: Option<&str>,
+    ) -> Result<Option<Instance>, StoreError> {
+        let Some(existing) = self.instance_row(id).await? else {
+            return Ok(None);
+        };
+        if let Some(owner) = owner
+            && existing.node.as_deref() != Some(owner)
+        {
+            return Err(StoreError::NotOwner { id: id.to_string(), node: existing.node, owner: owner.to_string() });
+        }
         let reason = if maintenance.enabled { maintenance.reason.clone() } else { None };
+        if existing.maintenance == maintenance.enabled && existing.maintenance_reason == reason {
+            return existing.into_instance().map(Some);
+        }
         let changed: Option<(InstanceRow, i64)> = with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             let index: i64 = sqlx::query_scalar(BUMP_INDEX).fetch_one(&mut *tx).await?;
             let row: Option<InstanceRow> = sqlx::query_as(concat!(
                 "UPDATE instances SET maintenance = $2, maintenance_reason = $3, change_index = $4, updated_at = $5 \
-                 WHERE id = $1 RETURNING ", instance_columns!()))
+                 WHERE id = $1 AND ($6 IS NULL OR node = $6) RETURNING ", instance_columns!()))
                 .bind(id)
                 .bind(maintenance.enabled)
                 .bind(&reason)
                 .bind(index)
                 .bind(now_ms)
+                .bind(owner)
                 .fetch_optional(&mut *tx)
                 .await?;
             match row {
@@ -683,6 +798,24 @@ impl Store {
         let rows: Vec<AgentRow> = with_pool!(self, pool => sqlx::query_as(concat!("SELECT ", agent_columns!(), " FROM agents ORDER BY node"))
             .fetch_all(pool)
             .await)?;
+        Ok(rows.into_iter().map(|r| r.into_info(now_ms)).collect())
+    }
+
+    /// The agents of `nodes` (those that exist), by node.
+    pub async fn agents_named(&self, nodes: &[String], now_ms: i64) -> Result<Vec<AgentInfo>, StoreError> {
+        if nodes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders: Vec<String> = (1..=nodes.len()).map(|i| format!("${i}")).collect();
+        // Only placeholders are written into the statement; the names are bound.
+        let sql = format!("SELECT {} FROM agents WHERE node IN ({}) ORDER BY node", agent_columns!(), placeholders.join(", "));
+        let rows: Vec<AgentRow> = with_pool!(self, pool => {
+            let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()));
+            for node in nodes {
+                query = query.bind(node);
+            }
+            query.fetch_all(pool).await
+        })?;
         Ok(rows.into_iter().map(|r| r.into_info(now_ms)).collect())
     }
 

@@ -140,6 +140,7 @@ impl AgentRow {
             zone: self.zone,
             updated_at: time(self.updated_at),
             lease_expires_at: time(self.lease_expires_at),
+            renewed_at: Some(time(self.lease_expires_at - self.ttl_s.saturating_mul(1000))),
         }
     }
 }
