@@ -52,7 +52,8 @@ pub struct RegistryConfig {
     /// Self-preservation: when more than this share of all leases has lapsed, the sweeper
     /// expires none (the registry, not the fleet, is probably cut off). 1.0 turns it off.
     pub self_preservation_threshold: f64,
-    /// Self-preservation only applies when at least this many instances are registered.
+    /// Self-preservation only applies when at least this many instances are registered (2: a
+    /// fleet of one still expires, two that lapse together are held).
     pub self_preservation_min_instances: u64,
     /// Longest time self-preservation holds; after it, the lapsed leases are taken as real.
     #[serde(with = "signpost_shared::duration")]
@@ -131,7 +132,7 @@ impl Default for RegistryConfig {
             sweep_interval: Duration::from_secs(1),
             deregister_after: Duration::from_secs(60),
             self_preservation_threshold: 0.5,
-            self_preservation_min_instances: 5,
+            self_preservation_min_instances: 2,
             self_preservation_max_hold: Duration::from_secs(15 * 60),
             probe_concurrency: 64,
             probe_failures_before_critical: 1,
@@ -304,7 +305,7 @@ pub struct Flags {
     #[arg(long, value_name = "SHARE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub self_preservation_threshold: Option<f64>,
-    /// Fewest registered instances for self-preservation to apply [default: 5].
+    /// Fewest registered instances for self-preservation to apply [default: 2].
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub self_preservation_min_instances: Option<u64>,

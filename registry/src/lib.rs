@@ -156,6 +156,7 @@ pub async fn run(config: RegistryConfig, shutdown: impl Future<Output = ()>) -> 
         deregister_after: config.deregister_after,
         self_preservation_threshold: config.self_preservation_threshold,
         self_preservation_min_instances: config.self_preservation_min_instances,
+        gap_after: sweeper::gap_after(config.sweep_interval),
     };
     let prober_config =
         ProberConfig { concurrency: config.probe_concurrency, failures_before_critical: config.probe_failures_before_critical.max(1) };

@@ -88,7 +88,7 @@ impl Metrics {
         let instances = Family::<HealthLabels, Gauge>::default();
         registry.register("instances", "Registered instances by health, as of the last catalog snapshot", instances.clone());
         let sweeps = Family::<ResultLabels, Counter>::default();
-        registry.register("sweeps", "Lease sweeps by result (ok, self_preservation, error)", sweeps.clone());
+        registry.register("sweeps", "Lease sweeps by result (ok, self_preservation, resumed after a gap, error)", sweeps.clone());
         let leases_expired = Counter::default();
         registry.register("leases_expired", "Instances marked critical because their lease ran out", leases_expired.clone());
         let instances_removed = Counter::default();

@@ -180,3 +180,106 @@ async fn probes_mark_a_stopped_agentless_instance_critical_then_remove_it() {
     }
     assert!(registry.metric("signpost_registry_probes_total{result=\"critical\"}").await.unwrap_or(0.0) >= 1.0);
 }
+
+/// Three agentless instances kept alive by TCP probes (3 s leases), and one without a check
+/// that lapsed (critical) before the registry stops for 15 s, longer than every lease and than
+/// `deregister_after` (5 s). Restarted, the registry removes nothing it has not seen critical
+/// for 5 s: the probed ones come back passing, the lapsed one is removed no sooner than 5 s
+/// after the restart.
+async fn agentless_instances_survive_a_registry_outage(database_url: Option<&str>) {
+    let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let tcp_addr = tcp.local_addr().expect("addr").to_string();
+    let accepting = tokio::spawn(async move { while tcp.accept().await.is_ok() {} });
+    let port = common::free_port();
+    let mut registry =
+        RegistryBuilder::new(database_url).port(port).flag("deregister-after", "5s").flag("read-cache-max-age", "100ms").start().await;
+    let probed = ["db-1", "db-2", "db-3"];
+    for id in probed {
+        register(
+            &registry,
+            json!({
+                "id": id, "service": "db", "address": "127.0.0.1", "port": 5432, "ttl_s": 3,
+                "check": {"tcp": tcp_addr, "interval": "1s", "timeout": "500ms"}
+            }),
+        )
+        .await;
+    }
+    register(&registry, json!({"id": "lapsed", "service": "old", "address": "127.0.0.1", "port": 1, "ttl_s": 3})).await;
+    eventually("the lapsed instance is critical and the probed ones passing", Duration::from_secs(15), || async {
+        for id in probed {
+            if health_of(&registry, id).await.as_deref() != Some("passing") {
+                return None;
+            }
+        }
+        (health_of(&registry, "lapsed").await.as_deref() == Some("critical")).then_some(())
+    })
+    .await;
+
+    registry.kill();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    registry.restart().await;
+    let restarted = std::time::Instant::now();
+
+    // Every probed instance stays registered and is passing again; the lapsed one is removed,
+    // but only after it has been critical for 5 s since the restart.
+    let mut lapsed_gone_after = None;
+    let mut back = std::collections::BTreeSet::new();
+    while lapsed_gone_after.is_none() || back.len() < probed.len() {
+        assert!(restarted.elapsed() < common::patience(Duration::from_secs(30)), "timed out; back: {back:?}");
+        for id in probed {
+            match health_of(&registry, id).await.as_deref() {
+                Some("gone") => panic!("{id} was removed after the outage; registry log:\n{}", registry.log_text()),
+                Some("passing") => {
+                    back.insert(id);
+                }
+                _ => {}
+            }
+        }
+        if lapsed_gone_after.is_none() && health_of(&registry, "lapsed").await.as_deref() == Some("gone") {
+            lapsed_gone_after = Some(restarted.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let gone_after = lapsed_gone_after.unwrap_or_default();
+    assert!(gone_after >= Duration::from_millis(4500), "the lapsed instance was removed {gone_after:?} after the restart");
+    assert!(registry.log_text().contains("sweeping resumes after a gap"), "the gap is logged");
+    assert!(registry.metric("signpost_registry_sweeps_total{result=\"resumed\"}").await.unwrap_or(0.0) >= 1.0);
+    accepting.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agentless_instances_survive_an_sqlite_registry_outage_longer_than_their_leases() {
+    agentless_instances_survive_a_registry_outage(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agentless_instances_survive_a_postgres_registry_outage_longer_than_their_leases() {
+    let db = TestDb::create().await;
+    agentless_instances_survive_a_registry_outage(Some(&db.url)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_preservation_covers_a_small_fleet() {
+    let db = TestDb::create().await;
+    // The defaults, but for quick sweeps.
+    let registry = RegistryBuilder::new(Some(&db.url))
+        .flag("sweep-interval", "100ms")
+        .flag("deregister-after", "1s")
+        .flag("read-cache-max-age", "100ms")
+        .start()
+        .await;
+    for i in 0..3 {
+        register(&registry, instance(&format!("web-{i}"), 1)).await;
+    }
+    // All three stop renewing at once.
+    eventually("self-preservation is on", Duration::from_secs(10), || async {
+        (registry.metric("signpost_registry_self_preservation").await? == 1.0).then_some(())
+    })
+    .await;
+    // Well past lease + grace period: the first of the three to lapse may have expired (one of
+    // three is under the threshold), the other two are held, passing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let all: Value = reqwest::get(registry.at("/v1/services/web?health=any")).await.expect("GET").json().await.expect("json");
+    let passing = all["instances"].as_array().expect("instances").iter().filter(|i| i["health"] == "passing").count();
+    assert!(passing >= 2, "a fleet of three was held: {all}");
+}

@@ -24,8 +24,65 @@ fn spec(id: &str, service: &str, ttl_s: i64) -> InstanceSpec {
     registration.validate().expect("valid")
 }
 
+/// The policy of most tests: sweeps hours apart still count as sweeping without a gap.
 fn policy() -> SweepPolicy {
-    SweepPolicy { deregister_after: Duration::from_secs(10), self_preservation_threshold: 0.5, self_preservation_min_instances: 5 }
+    SweepPolicy {
+        deregister_after: Duration::from_secs(10),
+        self_preservation_threshold: 0.5,
+        self_preservation_min_instances: 5,
+        gap_after: Duration::from_secs(3600),
+    }
+}
+
+/// A policy that takes more than 5 s between sweeps as a gap.
+fn gap_policy() -> SweepPolicy {
+    SweepPolicy { gap_after: Duration::from_secs(5), ..policy() }
+}
+
+/// Sweeps once a second from `from` to `to` (ms after T0), as a running sweeper does.
+async fn sweep_each_second(store: &Store, policy: &SweepPolicy, from: i64, to: i64) -> Vec<String> {
+    let mut removed = Vec::new();
+    for at in (from..=to).step_by(1000) {
+        let report = store.sweep(policy, T0 + at, true).await.expect("sweep");
+        assert!(report.resumed.is_none(), "no gap at {at}");
+        removed.extend(report.removed);
+    }
+    removed
+}
+
+async fn a_gap_in_sweeping_gives_every_lease_a_full_term(store: &Store) {
+    store.register(&spec("short", "web", 2), T0, None, false).await.expect("register");
+    store.register(&spec("long", "web", 300), T0, None, false).await.expect("register");
+    store.register(&spec("other", "web", 300), T0, None, false).await.expect("register");
+    sweep_each_second(store, &gap_policy(), 1000, 1000).await;
+    // The registry is down from 1 s to 20 s: short's lease ran out at 2 s, unseen.
+    let report = store.sweep(&gap_policy(), T0 + 20_000, true).await.expect("sweep");
+    let resumed = report.resumed.expect("a gap");
+    assert_eq!(resumed.gap, Duration::from_secs(19));
+    assert!(report.expired.is_empty() && report.removed.is_empty(), "nothing expires on resuming");
+    let short = store.instance("short").await.expect("get").expect("kept");
+    assert_eq!((short.health, short.lease_expires_at.timestamp_millis()), (Health::Passing, T0 + 22_000), "a full term from now");
+    let long = store.instance("long").await.expect("get").expect("kept");
+    assert_eq!(long.lease_expires_at.timestamp_millis(), T0 + 320_000, "every live lease");
+    // A heartbeat within the new term keeps it; without one it lapses as usual.
+    assert!(sweep_each_second(store, &gap_policy(), 21_000, 21_000).await.is_empty());
+    let report = store.sweep(&gap_policy(), T0 + 22_500, true).await.expect("sweep");
+    assert_eq!(report.expired, ["short"]);
+}
+
+async fn critical_instances_restart_their_grace_after_a_gap(store: &Store) {
+    store.register(&spec("short", "web", 1), T0, None, false).await.expect("register");
+    store.register(&spec("long", "web", 300), T0, None, false).await.expect("register");
+    store.register(&spec("other", "web", 300), T0, None, false).await.expect("register");
+    let report = store.sweep(&gap_policy(), T0 + 2000, true).await.expect("sweep");
+    assert_eq!(report.expired, ["short"]);
+    // Down for longer than the grace period (10 s): nobody saw it critical meanwhile.
+    let report = store.sweep(&gap_policy(), T0 + 60_000, true).await.expect("sweep");
+    assert_eq!(report.resumed.map(|r| r.grace_restarted), Some(1));
+    assert!(report.removed.is_empty());
+    assert!(sweep_each_second(store, &gap_policy(), 61_000, 69_000).await.is_empty(), "critical for less than 10 s since");
+    assert_eq!(store.instance("short").await.expect("get").expect("kept").health, Health::Critical);
+    assert_eq!(sweep_each_second(store, &gap_policy(), 70_000, 71_000).await, ["short"]);
 }
 
 async fn register_get_deregister(store: &Store) {
@@ -103,7 +160,9 @@ async fn sweep_expires_then_removes(store: &Store) {
     assert_eq!(store.instance("short").await.expect("get").expect("still there").health, Health::Critical);
     let report = store.sweep_now(&policy(), T0 + 5000).await.expect("sweep");
     assert!(report.expired.is_empty() && report.removed.is_empty(), "not removed before the grace period");
-    let report = store.sweep_now(&policy(), T0 + 11_500).await.expect("sweep");
+    let report = store.sweep_now(&policy(), T0 + 11_000).await.expect("sweep");
+    assert!(report.removed.is_empty(), "critical since 1.5 s: not yet 10 s");
+    let report = store.sweep_now(&policy(), T0 + 11_600).await.expect("sweep");
     assert_eq!(report.removed, ["short"]);
     assert!(store.instance("short").await.expect("get").is_none());
     assert_eq!(store.load_catalog(T0).await.expect("catalog").instances.len(), 5);
@@ -266,6 +325,9 @@ macro_rules! store_suite {
                     let db = super::common::TestDb::create().await;
                     let store = super::Store::connect(&db.url, &super::options()).expect("connect");
                     store.migrate().await.expect("migrate");
+                    // A sweeper has been running (the first sweep on a database only resumes).
+                    let first = store.sweep(&super::policy(), super::T0 - 1000, true).await.expect("sweep");
+                    assert!(first.resumed.is_some());
                     super::$name(&store).await;
                     store.close().await;
                 }
@@ -279,6 +341,9 @@ macro_rules! store_suite {
                     let url = format!("sqlite://{}?mode=rwc", dir.path().join("registry.db").display());
                     let store = super::Store::connect(&url, &super::options()).expect("connect");
                     store.migrate().await.expect("migrate");
+                    // A sweeper has been running (the first sweep on a database only resumes).
+                    let first = store.sweep(&super::policy(), super::T0 - 1000, true).await.expect("sweep");
+                    assert!(first.resumed.is_some());
                     super::$name(&store).await;
                     store.close().await;
                 }
@@ -301,4 +366,6 @@ store_suite!(
     catalog_is_ordered_and_indexed,
     probe_failure_marks_critical_without_renewing,
     concurrent_writes_get_distinct_indexes,
+    a_gap_in_sweeping_gives_every_lease_a_full_term,
+    critical_instances_restart_their_grace_after_a_gap,
 );

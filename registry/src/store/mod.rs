@@ -197,6 +197,8 @@ pub struct SweepPolicy {
     pub self_preservation_threshold: f64,
     /// Fewest instances for self-preservation to apply.
     pub self_preservation_min_instances: u64,
+    /// The longest time between two sweeps that still counts as sweeping without a gap.
+    pub gap_after: Duration,
 }
 
 /// What a sweep did.
@@ -214,6 +216,19 @@ pub struct SweepReport {
     pub removed: Vec<String>,
     /// Agents forgotten after their announcement lapsed beyond the grace period.
     pub agents_removed: u64,
+    /// Set when this sweep found a gap since the last one and only resumed sweeping.
+    pub resumed: Option<Resumed>,
+}
+
+/// What the first sweep after a gap in sweeping did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resumed {
+    /// Time since the last sweep (zero: none had run on this database).
+    pub gap: Duration,
+    /// Live leases given a full term from now.
+    pub leases_extended: u64,
+    /// Critical instances whose grace period starts again.
+    pub grace_restarted: u64,
 }
 
 /// An agentless instance the registry probes.
@@ -440,7 +455,7 @@ impl Store {
                  ON CONFLICT (id) DO UPDATE SET service = excluded.service, address = excluded.address, \
                  port = excluded.port, tags = excluded.tags, meta = excluded.meta, weight = excluded.weight, \
                  zone = excluded.zone, health = COALESCE($17, instances.health), node = excluded.node, check_spec = excluded.check_spec, \
-                 ttl_s = excluded.ttl_s, lease_expired = excluded.lease_expired, change_index = excluded.change_index, \
+                 ttl_s = excluded.ttl_s, lease_expired = excluded.lease_expired, expired_at = NULL, change_index = excluded.change_index, \
                  updated_at = excluded.updated_at, lease_expires_at = excluded.lease_expires_at \
                  WHERE ($18 IS NULL OR instances.node = $18) \
                  AND ($19 OR instances.node IS NULL OR instances.node = excluded.node \
@@ -568,7 +583,7 @@ impl Store {
             let index: i64 = sqlx::query_scalar(BUMP_INDEX).fetch_one(&mut *tx).await?;
             let row: Option<InstanceRow> = sqlx::query_as(concat!(
                 "UPDATE instances SET lease_expires_at = $2 + ttl_s * 1000, output = COALESCE($4, output), \
-                 health = COALESCE($3, health), lease_expired = $5, change_index = $6, updated_at = $2 \
+                 health = COALESCE($3, health), lease_expired = $5, expired_at = NULL, change_index = $6, updated_at = $2 \
                  WHERE id = $1 AND ($7 IS NULL OR node = $7) RETURNING ", instance_columns!()))
                 .bind(id)
                 .bind(now_ms)
@@ -861,11 +876,34 @@ impl Store {
         Ok(targets)
     }
 
-    /// One sweep: marks lapsed leases critical and removes those lapsed longer than the grace
-    /// period, unless too many lapsed at once (self-preservation).
+    /// One sweep: marks lapsed leases critical and removes instances that have been critical
+    /// for the grace period, unless too many lapsed at once (self-preservation).
     /// `hold_allowed` false makes it expire even when self-preservation would hold (it has
     /// held too long already).
+    ///
+    /// A sweep that finds the last one longer ago than `policy.gap_after` (the registry or
+    /// its database was down, or no replica led) expires and removes nothing: it gives every
+    /// live lease a full term from now, so that heartbeats and probes can come back first,
+    /// and restarts the grace period of the instances already critical, since nobody saw
+    /// them critical meanwhile.
     pub async fn sweep(&self, policy: &SweepPolicy, now_ms: i64, hold_allowed: bool) -> Result<SweepReport, StoreError> {
+        let swept_at: Option<i64> =
+            with_pool!(self, pool => sqlx::query_scalar("SELECT swept_at FROM sweeper_state WHERE id = 1").fetch_one(pool).await)?;
+        let gap_ms = i64::try_from(policy.gap_after.as_millis()).unwrap_or(i64::MAX);
+        let gap = match swept_at {
+            Some(at) if now_ms.saturating_sub(at) <= gap_ms => None,
+            Some(at) => Some(Duration::from_millis(u64::try_from(now_ms.saturating_sub(at)).unwrap_or_default())),
+            None => Some(Duration::ZERO),
+        };
+        if let Some(gap) = gap {
+            return self.resume_after_gap(now_ms, gap).await;
+        }
+        with_pool!(self, pool => sqlx::query("UPDATE sweeper_state SET swept_at = $1 WHERE id = 1")
+            .bind(now_ms)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))?;
+
         let grace_ms = i64::try_from(policy.deregister_after.as_millis()).unwrap_or(i64::MAX);
         let remove_before = now_ms.saturating_sub(grace_ms);
         let (total, lapsed, unmarked, removable, agents_removable, sp_was): (i64, i64, i64, i64, i64, bool) = with_pool!(self, pool => {
@@ -874,7 +912,7 @@ impl Store {
                 "SELECT COUNT(*), \
                  COALESCE(SUM(CASE WHEN lease_expires_at < $1 THEN 1 ELSE 0 END), 0), \
                  COALESCE(SUM(CASE WHEN lease_expires_at < $1 AND NOT lease_expired THEN 1 ELSE 0 END), 0), \
-                 COALESCE(SUM(CASE WHEN lease_expired AND lease_expires_at < $2 THEN 1 ELSE 0 END), 0) \
+                 COALESCE(SUM(CASE WHEN lease_expired AND expired_at < $2 THEN 1 ELSE 0 END), 0) \
                  FROM instances")
                 .bind(now_ms)
                 .bind(remove_before)
@@ -905,14 +943,14 @@ impl Store {
             sqlx::query("UPDATE catalog_state SET self_preservation = $1 WHERE id = 1").bind(hold).execute(&mut *tx).await?;
             if !hold {
                 report.expired = sqlx::query_scalar(
-                    "UPDATE instances SET lease_expired = $1, change_index = $2, updated_at = $3 \
+                    "UPDATE instances SET lease_expired = $1, expired_at = $3, change_index = $2, updated_at = $3 \
                      WHERE lease_expires_at < $3 AND NOT lease_expired RETURNING id")
                     .bind(true)
                     .bind(index)
                     .bind(now_ms)
                     .fetch_all(&mut *tx)
                     .await?;
-                report.removed = sqlx::query_scalar("DELETE FROM instances WHERE lease_expired AND lease_expires_at < $1 RETURNING id")
+                report.removed = sqlx::query_scalar("DELETE FROM instances WHERE lease_expired AND expired_at < $1 RETURNING id")
                     .bind(remove_before)
                     .fetch_all(&mut *tx)
                     .await?;
@@ -936,6 +974,44 @@ impl Store {
             self.observe_index(to_u64(index));
         }
         Ok(report)
+    }
+
+    /// The first sweep after a gap of `gap` (zero: no sweep ever ran): every live lease, of
+    /// instances and of agents, runs at least a full term from now; instances already
+    /// critical start their grace period again. Nothing is expired or removed.
+    async fn resume_after_gap(&self, now_ms: i64, gap: Duration) -> Result<SweepReport, StoreError> {
+        let (extended, restarted): (u64, u64) = with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let extended = sqlx::query(
+                "UPDATE instances SET lease_expires_at = $1 + ttl_s * 1000 \
+                 WHERE NOT lease_expired AND lease_expires_at < $1 + ttl_s * 1000")
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            let restarted = sqlx::query("UPDATE instances SET expired_at = $1 WHERE lease_expired")
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            sqlx::query("UPDATE agents SET lease_expires_at = $1 + ttl_s * 1000 WHERE lease_expires_at < $1 + ttl_s * 1000")
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE sweeper_state SET swept_at = $1 WHERE id = 1").bind(now_ms).execute(&mut *tx).await?;
+            tx.commit().await?;
+            (extended, restarted)
+        });
+        let (total, sp): (i64, bool) = with_pool!(self, pool => sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM instances), self_preservation FROM catalog_state WHERE id = 1")
+            .fetch_one(pool)
+            .await)?;
+        Ok(SweepReport {
+            total: to_u64(total),
+            self_preservation: sp,
+            resumed: Some(Resumed { gap, leases_extended: extended, grace_restarted: restarted }),
+            ..SweepReport::default()
+        })
     }
 }
 
