@@ -24,6 +24,9 @@ use crate::gossip::{GossipView, Member};
 pub struct RegistryView {
     /// The registry's change index (0: nothing fetched since start).
     pub index: u64,
+    /// The registry's catalog epoch (0: unknown): indexes of another epoch are of another
+    /// history.
+    pub epoch: u64,
     /// Whether the registry holds expiry back.
     pub self_preservation: bool,
     /// Every instance (shared with the snapshots that show it unchanged).
@@ -38,6 +41,7 @@ impl From<CatalogPage> for RegistryView {
     fn from(page: CatalogPage) -> Self {
         RegistryView {
             index: page.index,
+            epoch: page.epoch,
             self_preservation: page.self_preservation,
             instances: page.instances.into_iter().map(Arc::new).collect(),
             agents: page.agents,

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use signpost_shared::client::RegistryClient;
+use signpost_shared::client::{CatalogChange, HeldCatalog, RegistryClient};
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::Cache;
@@ -29,6 +29,9 @@ pub async fn follow(
     shutdown: CancellationToken,
 ) {
     let mut index: Option<u64> = None;
+    // The registry's tag for the catalog held: the registry answers 304 to it while nothing
+    // changed, and a new page when the catalog at this index is of another history.
+    let mut etag: Option<String> = None;
     let mut introduced: HashSet<SocketAddr> = HashSet::new();
     let mut backoff = Duration::from_millis(100);
     let mut failing = false;
@@ -38,7 +41,11 @@ pub async fn follow(
             let held = cache.registry();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                fetched = client.catalog_changed_seed(index, index.map(|_| wait), PageSeed { held: &held }) => fetched,
+                fetched = client.catalog_changed_seed(
+                    index.map(|index| HeldCatalog { index, etag: etag.as_deref() }),
+                    index.map(|_| wait),
+                    PageSeed { held: &held },
+                ) => fetched,
             }
         };
         match fetched {
@@ -48,12 +55,25 @@ pub async fn follow(
                     failing = false;
                 }
                 backoff = Duration::from_millis(100);
-                let Some(page) = answer else {
-                    // The wait ended and the catalog is still at `index`.
+                let Some(CatalogChange { page, etag: tag }) = answer else {
+                    // The wait ended and the catalog is still the one held.
                     cache.confirm_registry();
                     continue;
                 };
-                if index.is_some_and(|i| page.index < i) {
+                etag = tag;
+                let held_epoch = cache.registry().epoch;
+                if index.is_some() && held_epoch != page.epoch {
+                    tracing::warn!(
+                        was = held_epoch,
+                        now = page.epoch,
+                        "the registry's catalog has a new epoch (its database was restored or replaced); taking it whole"
+                    );
+                } else if index == Some(page.index) {
+                    tracing::warn!(
+                        index = page.index,
+                        "the registry's catalog at this index is another one (its database was restored); taking it whole"
+                    );
+                } else if index.is_some_and(|i| page.index < i) {
                     tracing::warn!(
                         was = index,
                         now = page.index,

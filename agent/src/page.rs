@@ -38,6 +38,7 @@ struct PageVisitor<'a> {
 #[serde(field_identifier, rename_all = "snake_case")]
 enum Field {
     Index,
+    Epoch,
     SelfPreservation,
     Instances,
     Agents,
@@ -55,9 +56,11 @@ impl<'de> Visitor<'de> for PageVisitor<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RegistryView, A::Error> {
         use serde::de::Error;
         let (mut index, mut self_preservation, mut instances, mut agents) = (None, None, None, None);
+        let mut epoch = 0;
         while let Some(field) = map.next_key::<Field>()? {
             match field {
                 Field::Index => index = Some(map.next_value::<u64>()?),
+                Field::Epoch => epoch = map.next_value::<u64>()?,
                 Field::SelfPreservation => self_preservation = Some(map.next_value::<bool>()?),
                 Field::Instances => instances = Some(map.next_value_seed(InstancesSeed { held: self.held })?),
                 Field::Agents => agents = Some(map.next_value::<Vec<AgentInfo>>()?),
@@ -68,6 +71,7 @@ impl<'de> Visitor<'de> for PageVisitor<'_> {
         }
         Ok(RegistryView {
             index: index.ok_or_else(|| A::Error::missing_field("index"))?,
+            epoch,
             self_preservation: self_preservation.ok_or_else(|| A::Error::missing_field("self_preservation"))?,
             instances: instances.ok_or_else(|| A::Error::missing_field("instances"))?,
             agents: agents.ok_or_else(|| A::Error::missing_field("agents"))?,

@@ -347,6 +347,7 @@ pub fn decode(bytes: &[u8]) -> Result<RegistryView, String> {
     // Index 0: the feed starts with a full fetch.
     Ok(RegistryView {
         index: 0,
+        epoch: 0,
         self_preservation: saved.self_preservation,
         instances,
         agents,
@@ -368,6 +369,7 @@ mod tests {
         .expect("instance");
         RegistryView {
             index: 9,
+            epoch: 0,
             self_preservation: false,
             instances: vec![std::sync::Arc::new(instance)],
             agents: vec![],

@@ -69,6 +69,7 @@ fn sample_view() -> RegistryView {
     .expect("an instance");
     RegistryView {
         index: 42,
+        epoch: 0,
         self_preservation: false,
         instances: vec![web.into(), db.into()],
         agents: vec![AgentInfo {

@@ -78,6 +78,12 @@ pub async fn poll(store: Store, interval: Duration, shutdown: CancellationToken)
                 if lower_before {
                     tracing::warn!(index, known = store.known_index(), "the catalog index went back; the database was restored or emptied");
                     store.reset_index(index);
+                    // What clients hold is of another history: a new epoch makes them take the
+                    // catalog again whole, even once the index has climbed back.
+                    match store.new_epoch().await {
+                        Ok(epoch) => tracing::warn!(epoch, "the catalog has a new epoch; agents take it again whole"),
+                        Err(e) => tracing::warn!(error = %e, "cannot give the catalog a new epoch"),
+                    }
                 }
                 lower_before = !lower_before;
             }

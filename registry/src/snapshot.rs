@@ -21,6 +21,11 @@ pub struct Snapshot {
     pub index: u64,
     /// Whether the sweeper holds expiry back.
     pub self_preservation: bool,
+    /// The database's catalog epoch.
+    pub epoch: u64,
+    /// A digest of what identifies this catalog's contents: each instance's id and change
+    /// index, each agent's node and addresses.
+    digest: u64,
     /// Every instance, by service then id.
     instances: Vec<Instance>,
     /// Where each service's instances are in `instances`.
@@ -34,6 +39,7 @@ pub struct Snapshot {
 #[derive(Serialize)]
 struct CatalogRef<'a> {
     index: u64,
+    epoch: u64,
     self_preservation: bool,
     instances: &'a [Instance],
     agents: &'a [AgentInfo],
@@ -48,12 +54,19 @@ impl Snapshot {
         Snapshot {
             index: data.index,
             self_preservation: data.self_preservation,
+            epoch: data.epoch,
+            digest: digest(&data.instances, &data.agents),
             instances: data.instances,
             by_service,
             agents: data.agents,
             loaded_at: Instant::now(),
             catalog_json: OnceLock::new(),
         }
+    }
+
+    /// The catalog's `ETag`: its epoch, index and digest.
+    pub fn etag(&self) -> String {
+        signpost_shared::wire::catalog_etag(self.epoch, self.index, self.digest)
     }
 
     /// The instances of one service, by id.
@@ -72,6 +85,7 @@ impl Snapshot {
             .get_or_init(|| {
                 let page = CatalogRef {
                     index: self.index,
+                    epoch: self.epoch,
                     self_preservation: self.self_preservation,
                     instances: &self.instances,
                     agents: &self.agents,
@@ -111,6 +125,27 @@ impl Snapshot {
     fn is_fresh(&self, wanted_index: u64, max_age: Duration) -> bool {
         self.index >= wanted_index && self.loaded_at.elapsed() < max_age
     }
+}
+
+/// The digest of a catalog's contents: instances by id and change index (an index names one
+/// change in one history), agents by node and addresses. Stable across builds (SHA-256), so
+/// that replicas of different versions agree.
+fn digest(instances: &[Instance], agents: &[AgentInfo]) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for instance in instances {
+        hasher.update(instance.id.as_bytes());
+        hasher.update(instance.index.to_le_bytes());
+    }
+    hasher.update([0xff]);
+    for agent in agents {
+        for part in [&agent.node, &agent.gossip_addr, &agent.http_addr] {
+            hasher.update(part.as_bytes());
+            hasher.update([0]);
+        }
+    }
+    let sum = hasher.finalize();
+    u64::from_le_bytes(sum[..8].try_into().unwrap_or_default())
 }
 
 /// Hands out the current snapshot, rebuilding it when it is behind or old.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use common::{Registry, RegistryBuilder, TestDb, eventually};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use signpost_shared::client::HeldCatalog;
 
 async fn start() -> (TestDb, Registry) {
     let db = TestDb::create().await;
@@ -168,8 +169,9 @@ async fn a_caller_holding_the_catalog_gets_304_instead_of_it_again() {
     let http = reqwest::Client::new();
     let first = http.get(registry.at("/v1/catalog")).send().await.expect("GET");
     let etag = first.headers().get("etag").and_then(|v| v.to_str().ok()).map(str::to_string).expect("an ETag");
-    let index = first.json::<Value>().await.expect("json")["index"].as_u64().expect("index");
-    assert_eq!(etag, format!("\"{index}\""));
+    let page = first.json::<Value>().await.expect("json");
+    let (index, epoch) = (page["index"].as_u64().expect("index"), page["epoch"].as_u64().expect("epoch"));
+    assert!(etag.starts_with(&format!("\"{epoch:x}-{index}-")), "the tag names the epoch and the index: {etag}");
 
     // The wait ends with nothing changed: 304, the index, no body.
     let started = Instant::now();
@@ -196,9 +198,15 @@ async fn a_caller_holding_the_catalog_gets_304_instead_of_it_again() {
 
     // The registry client an agent uses sends the tag and takes the 304 as "unchanged".
     let client = registry.client();
-    let now = client.catalog(None, None).await.expect("catalog").index;
-    let unchanged: Option<Value> = client.catalog_changed(Some(now), Some(Duration::from_millis(300))).await.expect("wait ended");
+    let now = client.catalog_changed::<Value>(None, None).await.expect("catalog").expect("a page");
+    let held = HeldCatalog { index: now.page["index"].as_u64().expect("index"), etag: now.etag.as_deref() };
+    let unchanged = client.catalog_changed::<Value>(Some(held), Some(Duration::from_millis(300))).await.expect("wait ended");
     assert_eq!(unchanged, None);
+    // A copy at this index with another tag (of another history) gets the catalog at once.
+    let started = Instant::now();
+    let other = HeldCatalog { etag: Some("\"0-1-0000000000000000\""), ..held };
+    let again = client.catalog_changed::<Value>(Some(other), Some(Duration::from_secs(30))).await.expect("answered");
+    assert!(again.is_some() && started.elapsed() < Duration::from_secs(10), "not held for the wait");
     assert!(registry.log_text().contains("\"status\":304"), "the 304 answers are in the request log");
 }
 

@@ -151,9 +151,27 @@ struct Call<'a> {
     query: Vec<(&'static str, String)>,
     body: Option<Vec<u8>>,
     timeout: Duration,
-    /// A catalog index the caller already holds: a successful answer at this index (its
-    /// `X-Signpost-Index` header) is read off the connection and dropped, not kept.
-    known_index: Option<u64>,
+    /// The catalog the caller already holds: an answer with its tag (or, when it has none,
+    /// at its index) is read off the connection and dropped, not kept.
+    held: Option<HeldCatalog<'a>>,
+}
+
+/// The catalog a caller of the feed holds: its index, and the `ETag` the registry sent with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldCatalog<'a> {
+    /// Its change index.
+    pub index: u64,
+    /// The registry's tag for it (epoch, index and digest), when it sent one.
+    pub etag: Option<&'a str>,
+}
+
+/// A new page of the catalog feed and its `ETag`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogChange<T> {
+    /// The page.
+    pub page: T,
+    /// The registry's tag for it, to present with the next call.
+    pub etag: Option<String>,
 }
 
 /// What one request got back.
@@ -163,6 +181,8 @@ struct Answer {
     /// The body as it arrived, in chunks (a multi-MB catalog is never one allocation);
     /// `None` when it was at the caller's known index and dropped unread.
     body: Option<Vec<bytes::Bytes>>,
+    /// Its `ETag` header.
+    etag: Option<String>,
 }
 
 impl RegistryClient {
@@ -221,7 +241,7 @@ impl RegistryClient {
             query,
             body: None,
             timeout: self.config.timeout,
-            known_index: None,
+            held: None,
         };
         self.send(call).await.map(|_| ())
     }
@@ -248,32 +268,37 @@ impl RegistryClient {
         decode(&answer.url, &answer.body.unwrap_or_default(), PhantomData)
     }
 
-    /// `GET /v1/catalog?index=N&wait=…` for a caller that holds the catalog at `index`:
-    /// `None` when the wait ended with the catalog still at that index (the answer's index
-    /// header says so), and then the body, the whole catalog again, is read off the
-    /// connection without being kept; else the page, decoded as `T` (e.g. [`CatalogPage`]).
-    /// With no `index`, always the page.
-    pub async fn catalog_changed<T: DeserializeOwned>(&self, index: Option<u64>, wait: Option<Duration>) -> Result<Option<T>, ClientError> {
-        self.catalog_changed_seed(index, wait, PhantomData::<T>).await
+    /// `GET /v1/catalog?index=N&wait=…` for a caller that holds the catalog `held`: `None`
+    /// when the wait ended with the catalog still the one held (the registry answers 304 to
+    /// its tag), else the new page, decoded as `T` (e.g. [`CatalogPage`]), with its tag. A
+    /// catalog at the held index but with another tag (the registry's database was restored
+    /// and climbed back to that index) is a new page. With nothing held, always the page.
+    pub async fn catalog_changed<T: DeserializeOwned>(
+        &self,
+        held: Option<HeldCatalog<'_>>,
+        wait: Option<Duration>,
+    ) -> Result<Option<CatalogChange<T>>, ClientError> {
+        self.catalog_changed_seed(held, wait, PhantomData::<T>).await
     }
 
     /// [`RegistryClient::catalog_changed`], decoding the page with `seed` (which may, for
     /// example, take unchanged instances from the copy the caller already holds).
     pub async fn catalog_changed_seed<S>(
         &self,
-        index: Option<u64>,
+        held: Option<HeldCatalog<'_>>,
         wait: Option<Duration>,
         seed: S,
-    ) -> Result<Option<S::Value>, ClientError>
+    ) -> Result<Option<CatalogChange<S::Value>>, ClientError>
     where
         S: DeserializeSeed<'static>,
     {
-        let call = self.catalog_call(index, wait, index);
+        let call = self.catalog_call(held.map(|h| h.index), wait, held);
         let answer = self.send(call).await?;
-        answer.body.map(|body| decode(&answer.url, &body, seed)).transpose()
+        let Some(body) = answer.body else { return Ok(None) };
+        Ok(Some(CatalogChange { page: decode(&answer.url, &body, seed)?, etag: answer.etag }))
     }
 
-    fn catalog_call(&self, index: Option<u64>, wait: Option<Duration>, known_index: Option<u64>) -> Call<'static> {
+    fn catalog_call<'a>(&self, index: Option<u64>, wait: Option<Duration>, held: Option<HeldCatalog<'a>>) -> Call<'a> {
         let mut query = Vec::new();
         if let Some(index) = index {
             query.push(("index", index.to_string()));
@@ -283,7 +308,7 @@ impl RegistryClient {
             query.push(("wait", format!("{}ms", wait.as_millis())));
             timeout += wait;
         }
-        Call { method: Method::GET, segments: &["v1", "catalog"], query, body: None, timeout, known_index }
+        Call { method: Method::GET, segments: &["v1", "catalog"], query, body: None, timeout, held }
     }
 
     /// `PUT /v1/agents/{node}`.
@@ -312,7 +337,7 @@ impl RegistryClient {
     ) -> Result<(StatusCode, T), ClientError> {
         let body =
             body.map(serde_json::to_vec).transpose().map_err(|e| ClientError::Build(format!("cannot encode the request body: {e}")))?;
-        let call = Call { method, segments, query, body, timeout: self.config.timeout, known_index: None };
+        let call = Call { method, segments, query, body, timeout: self.config.timeout, held: None };
         let answer = self.send(call).await?;
         Ok((answer.status, decode(&answer.url, &answer.body.unwrap_or_default(), PhantomData)?))
     }
@@ -365,29 +390,34 @@ impl RegistryClient {
         if let Some(body) = &call.body {
             request = request.header(reqwest::header::CONTENT_TYPE, "application/json").body(body.clone());
         }
-        if let Some(index) = call.known_index {
-            // The registry answers 304 without the catalog when it is still at this index.
-            request = request.header(reqwest::header::IF_NONE_MATCH, crate::wire::catalog_etag(index));
+        if let Some(etag) = call.held.and_then(|h| h.etag) {
+            // The registry answers 304 without the catalog while it is still the one held.
+            request = request.header(reqwest::header::IF_NONE_MATCH, etag);
         }
         let url_text = url.to_string();
         let unreachable = |source| ClientError::Unreachable { url: url_text.clone(), source };
         let mut response = request.send().await.map_err(unreachable)?;
         let status = response.status();
-        if status == StatusCode::NOT_MODIFIED && call.known_index.is_some() {
-            return Ok(Answer { url: url_text, status, body: None });
+        let etag = response.headers().get(reqwest::header::ETAG).and_then(|v| v.to_str().ok()).map(str::to_string);
+        if status == StatusCode::NOT_MODIFIED && call.held.is_some() {
+            return Ok(Answer { url: url_text, status, body: None, etag });
         }
-        if status.is_success() && call.known_index.is_some() && answer_index(&response) == call.known_index {
+        let unchanged = call.held.is_some_and(|held| match (held.etag, etag.as_deref()) {
+            (Some(held), Some(now)) => held == now,
+            _ => answer_index(&response) == Some(held.index),
+        });
+        if status.is_success() && unchanged {
             // A registry that ignores `If-None-Match` sent the catalog anyway: read it to the
             // end, a chunk at a time, so that the connection can be used again.
             while response.chunk().await.map_err(unreachable)?.is_some() {}
-            return Ok(Answer { url: url_text, status, body: None });
+            return Ok(Answer { url: url_text, status, body: None, etag });
         }
         if status.is_success() {
             let mut chunks = Vec::new();
             while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
                 chunks.push(chunk);
             }
-            return Ok(Answer { url: url_text, status, body: Some(chunks) });
+            return Ok(Answer { url: url_text, status, body: Some(chunks), etag });
         }
         let bytes = response.bytes().await.map_err(unreachable)?;
         let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| ErrorBody {
@@ -492,12 +522,14 @@ mod tests {
     #[tokio::test]
     async fn test_a_catalog_answer_at_the_known_index_is_not_read() {
         let client = registry_at_5().await;
-        let first: Option<CatalogPage> = client.catalog_changed(None, None).await.expect("first page");
-        assert_eq!(first.map(|p| p.index), Some(5), "with no index, always the page");
-        let later: Option<CatalogPage> = client.catalog_changed(Some(5), Some(Duration::from_millis(10))).await.expect("wait ended");
+        let held = |index| Some(HeldCatalog { index, etag: None });
+        let first: Option<CatalogChange<CatalogPage>> = client.catalog_changed(None, None).await.expect("first page");
+        assert_eq!(first.map(|c| c.page.index), Some(5), "with no index, always the page");
+        let later: Option<CatalogChange<CatalogPage>> =
+            client.catalog_changed(held(5), Some(Duration::from_millis(10))).await.expect("wait ended");
         assert_eq!(later, None, "still at 5: nothing to decode");
-        let newer: Result<Option<CatalogPage>, _> = client.catalog_changed(Some(4), Some(Duration::from_millis(10))).await;
-        assert_eq!(newer.expect("moved on").map(|p| p.index), Some(5), "at another index: the page");
+        let newer: Result<Option<CatalogChange<CatalogPage>>, _> = client.catalog_changed(held(4), Some(Duration::from_millis(10))).await;
+        assert_eq!(newer.expect("moved on").map(|c| c.page.index), Some(5), "at another index: the page");
         assert!(client.catalog(Some(5), Some(Duration::from_millis(10))).await.is_err(), "the plain call reads every answer");
     }
 }

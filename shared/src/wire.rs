@@ -233,6 +233,10 @@ pub fn renewal_window(lease_ttl_s: u32) -> std::time::Duration {
 pub struct CatalogPage {
     /// The change index this catalog is at.
     pub index: u64,
+    /// The database's catalog epoch: random per database, new when the registry sees its
+    /// database restored. Indexes of two epochs are of different histories.
+    #[serde(default)]
+    pub epoch: u64,
     /// True while the registry holds expiring leases back.
     pub self_preservation: bool,
     /// Every instance, by service then id.
@@ -241,9 +245,11 @@ pub struct CatalogPage {
     pub agents: Vec<AgentInfo>,
 }
 
-/// The `ETag` of the catalog at `index`.
-pub fn catalog_etag(index: u64) -> String {
-    format!("\"{index}\"")
+/// The `ETag` of the catalog at `index` of `epoch`, whose instances and agents digest to
+/// `digest`: a restored database that climbs back to an index a client holds, with other
+/// content, has another tag.
+pub fn catalog_etag(epoch: u64, index: u64, digest: u64) -> String {
+    format!("\"{epoch:x}-{index}-{digest:016x}\"")
 }
 
 /// Whether an `If-None-Match` header names `etag` (or is `*`); weak tags compare as equal,
@@ -255,13 +261,13 @@ pub fn etag_matches(if_none_match: &str, etag: &str) -> bool {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn if_none_match_names_the_catalog_index() {
-        let etag = catalog_etag(12);
-        assert_eq!(etag, "\"12\"");
-        for header in ["\"12\"", "W/\"12\"", "\"3\", \"12\"", "*"] {
-            assert!(etag_matches(header, &etag), "{header}");
+    fn if_none_match_names_the_catalog_version() {
+        let etag = catalog_etag(0xab, 12, 7);
+        assert_eq!(etag, "\"ab-12-0000000000000007\"");
+        for header in [etag.clone(), format!("W/{etag}"), format!("\"3\", {etag}"), "*".into()] {
+            assert!(etag_matches(&header, &etag), "{header}");
         }
-        for header in ["\"1\"", "12", "\"123\"", "", "W/\"1\""] {
+        for header in ["\"12\"", "ab-12-0000000000000007", "\"ab-12-0000000000000008\"", "", "W/\"1\""] {
             assert!(!etag_matches(header, &etag), "{header}");
         }
     }

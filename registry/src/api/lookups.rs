@@ -52,9 +52,20 @@ pub async fn catalog(
 ) -> Result<Response, ApiError> {
     state.auth.check_read(authorization.as_deref())?;
     let query = ReadQuery::parse(&raw_query, &["index", "wait"])?;
-    block(&state, query.index, query.wait).await?;
+    // A caller whose copy carries this index but another tag holds a catalog of another
+    // history (the database was restored and climbed back to the index): it must not wait.
+    let other_history = match (query.index, if_none_match.as_deref()) {
+        (Some(index), Some(header)) => {
+            let current = state.cache.get().await?;
+            current.index == index && !signpost_shared::wire::etag_matches(header, &current.etag())
+        }
+        _ => false,
+    };
+    if !other_history {
+        block(&state, query.index, query.wait).await?;
+    }
     let snapshot = state.cache.get().await?;
-    let etag = signpost_shared::wire::catalog_etag(snapshot.index);
+    let etag = snapshot.etag();
     let mut response = if if_none_match.as_deref().is_some_and(|header| signpost_shared::wire::etag_matches(header, &etag)) {
         let mut response = Response::new(bytes::Bytes::new().into());
         *response.status_mut() = StatusCode::NOT_MODIFIED;

@@ -25,6 +25,9 @@ pub static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/
 /// The SQLite migrations.
 pub static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
+/// Epochs stay below 2^53, so that JSON readers that hold numbers as doubles read them exactly.
+const MAX_EPOCH: u64 = (1 << 53) - 1;
+
 /// The NOTIFY channel a change of the catalog index is announced on.
 pub const NOTIFY_CHANNEL: &str = "signpost_catalog";
 
@@ -180,6 +183,8 @@ pub enum Deregistered {
 pub struct CatalogData {
     /// The change index.
     pub index: u64,
+    /// The database's catalog epoch (see [`Store::new_epoch`]).
+    pub epoch: u64,
     /// Whether the sweeper holds expiry back.
     pub self_preservation: bool,
     /// Every instance, by service then id.
@@ -837,9 +842,11 @@ impl Store {
     /// The whole catalog. The index is read first, so the rows are at least as new as it:
     /// a waiter never misses a change.
     pub async fn load_catalog(&self, now_ms: i64) -> Result<CatalogData, StoreError> {
-        let (state, rows, agents): ((i64, bool), Vec<InstanceRow>, Vec<AgentRow>) = with_pool!(self, pool => {
+        let (state, rows, agents): ((i64, bool, i64), Vec<InstanceRow>, Vec<AgentRow>) = with_pool!(self, pool => {
             let mut conn = pool.acquire().await?;
-            let state = sqlx::query_as(READ_STATE).fetch_one(&mut *conn).await?;
+            let state = sqlx::query_as("SELECT change_index, self_preservation, epoch FROM catalog_state WHERE id = 1")
+                .fetch_one(&mut *conn)
+                .await?;
             let rows = sqlx::query_as(concat!("SELECT ", instance_columns!(), " FROM instances ORDER BY service, id"))
                 .fetch_all(&mut *conn)
                 .await?;
@@ -852,10 +859,25 @@ impl Store {
         self.observe_index(index);
         Ok(CatalogData {
             index,
+            epoch: to_u64(state.2),
             self_preservation: state.1,
             instances: rows.into_iter().map(InstanceRow::into_instance).collect::<Result<_, _>>()?,
             agents: agents.into_iter().map(|a| a.into_info(now_ms)).collect(),
         })
+    }
+
+    /// Gives the catalog a new random epoch and moves the index past everything any client
+    /// may hold: the database was restored or replaced under a running registry, so clients'
+    /// copies are of another history and must be taken again whole.
+    pub async fn new_epoch(&self) -> Result<u64, StoreError> {
+        let epoch = i64::try_from(rand::random::<u64>() & MAX_EPOCH).unwrap_or_default();
+        let index: i64 = with_pool!(self, pool => sqlx::query_scalar(
+            "UPDATE catalog_state SET epoch = $1, change_index = change_index + 1 WHERE id = 1 RETURNING change_index")
+            .bind(epoch)
+            .fetch_one(pool)
+            .await)?;
+        self.reset_index(to_u64(index));
+        Ok(to_u64(epoch))
     }
 
     /// Agentless instances that declare a check.
