@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use signpost_shared::config::{self, ConfigError, LogFormat, Secret};
 use signpost_shared::http::Limits as HttpLimits;
-use signpost_shared::model::{DEFAULT_TTL_S, DEFAULT_WEIGHT, Registration, host_port};
+use signpost_shared::model::{DEFAULT_TTL_S, DEFAULT_WEIGHT, Registration, host_port, same_service};
 use signpost_shared::validate::{self, ValidationErrors};
 use url::Url;
 
@@ -104,35 +104,75 @@ pub struct AgentConfig {
     pub idle_timeout: Duration,
 }
 
-/// A local service as configured.
+/// A local service as configured. Its name may be given as `name` or as `service` (the
+/// registry's spelling), or as both when they agree.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "ServiceConfigBody")]
 pub struct ServiceConfig {
-    /// The service's name (a DNS label).
+    /// The service's name (a DNS label), read from `service` when only that is given.
     pub name: String,
+    /// The name as given under `service`, if it was; it must agree with `name`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     /// Its port.
     pub port: u16,
     /// Instance id (default: `{node}-{name}-{port}`, stable across restarts).
-    #[serde(default)]
     pub id: Option<String>,
     /// Address (default: the agent's).
-    #[serde(default)]
     pub address: Option<String>,
     /// Tags.
-    #[serde(default)]
     pub tags: Vec<String>,
     /// Meta pairs.
-    #[serde(default)]
     pub meta: signpost_shared::model::Meta,
     /// Weight (default 100).
-    #[serde(default)]
     pub weight: Option<u32>,
     /// Zone (default: the agent's).
-    #[serde(default)]
     pub zone: Option<String>,
     /// Its checks; none means it is passing while the agent runs.
-    #[serde(default)]
     pub checks: Vec<CheckConfig>,
+}
+
+/// A local service as read (a config file, `POST /v1/agent/services`): `name` and `service`
+/// both optional, reconciled by [`ServiceConfig::validate_into`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceConfigBody {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    service: Option<String>,
+    port: u16,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    address: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    meta: signpost_shared::model::Meta,
+    #[serde(default)]
+    weight: Option<u32>,
+    #[serde(default)]
+    zone: Option<String>,
+    #[serde(default)]
+    checks: Vec<CheckConfig>,
+}
+
+impl From<ServiceConfigBody> for ServiceConfig {
+    fn from(body: ServiceConfigBody) -> Self {
+        ServiceConfig {
+            name: body.name.or_else(|| body.service.clone()).unwrap_or_default(),
+            service: body.service,
+            port: body.port,
+            id: body.id,
+            address: body.address,
+            tags: body.tags,
+            meta: body.meta,
+            weight: body.weight,
+            zone: body.zone,
+            checks: body.checks,
+        }
+    }
 }
 
 /// One check of a local service: exactly one of `http`, `tcp` and `ttl`.
@@ -267,7 +307,8 @@ impl ServiceConfig {
         self.id.clone().unwrap_or_else(|| format!("{node}-{}-{}", self.name, self.port))
     }
 
-    /// Checks the service and its checks; `field` names it in errors.
+    /// Checks the service and its checks; `field` names it in errors. A problem of the
+    /// service's name, or `name` and `service` disagreeing, is reported under `{field}.name`.
     pub fn validate_into(&self, field: &str, node: &str, address: &str, errors: &mut ValidationErrors) {
         let registration = self.registration(node, address, None);
         if let Err(problems) = registration.validate() {
@@ -275,6 +316,9 @@ impl ServiceConfig {
                 let name = if problem.field == "service" { "name".to_string() } else { problem.field };
                 errors.add(format!("{field}.{name}"), problem.problem);
             }
+        }
+        if let Some(service) = &self.service {
+            errors.check(format!("{field}.name"), same_service(service, &self.name));
         }
         for (i, check) in self.checks.iter().enumerate() {
             check.validate_into(&format!("{field}.checks[{i}]"), errors);
@@ -286,6 +330,7 @@ impl ServiceConfig {
         Registration {
             id: self.instance_id(node),
             service: self.name.clone(),
+            name: None,
             address: self.address.clone().unwrap_or_else(|| address.to_string()),
             port: i64::from(self.port),
             tags: self.tags.clone(),
@@ -407,7 +452,7 @@ impl AgentConfig {
 /// Every setting can also come from the TOML file given with --config or from an environment
 /// variable SIGNPOST_<NAME>; flags win over the environment, which wins over the file.
 /// Durations are written 500ms, 2s, 1m. Two settings live only in the file: several
-/// services with their checks ([[services]]: name, port, id, address, tags, meta, weight,
+/// services with their checks ([[services]]: name (or service), port, id, address, tags, meta, weight,
 /// zone, checks = [{ id, http | tcp | ttl, interval, timeout, successes_before_passing,
 /// failures_before_critical }]) and per-service protection thresholds
 /// ([protection_thresholds] web = 0.5).
@@ -624,6 +669,7 @@ fn service_flag(text: &str, flags: &Flags) -> Result<ServiceConfig, ConfigError>
     };
     Ok(ServiceConfig {
         name: name.to_string(),
+        service: None,
         port,
         id: None,
         address: None,
@@ -692,6 +738,35 @@ mod tests {
         let mut local = flags("web:8080");
         local.listen = Some("127.0.0.9:7301".into());
         assert!(load(&local).is_ok(), "any loopback address is fine");
+    }
+
+    #[test]
+    fn a_service_is_named_by_name_or_service_and_both_must_agree() {
+        use figment::providers::Format as _;
+        let check = |toml: &str| -> Result<ServiceConfig, String> {
+            let service: ServiceConfig =
+                figment::Figment::from(figment::providers::Toml::string(toml)).extract().map_err(|e| e.to_string())?;
+            let mut errors = ValidationErrors::default();
+            service.validate_into("services[0]", "node-a", "10.0.0.1", &mut errors);
+            errors.into_result(service).map_err(|e| e.to_string())
+        };
+        for toml in ["name = \"db\"\nport = 5432", "service = \"db\"\nport = 5432", "name = \"db\"\nservice = \"db\"\nport = 5432"] {
+            let service = check(toml).unwrap_or_else(|e| panic!("{toml}: {e}"));
+            assert_eq!(service.instance_id("node-a"), "node-a-db-5432", "{toml}");
+            let registration = service.registration("node-a", "10.0.0.1", None);
+            assert_eq!((registration.service.as_str(), registration.name.as_deref()), ("db", None), "{toml}");
+        }
+        let clash = check("name = \"db\"\nservice = \"web\"\nport = 5432").expect_err("disagreeing");
+        assert!(clash.contains("services[0].name: `db` disagrees with `service` `web`"), "{clash}");
+        let missing = check("port = 5432").expect_err("no name");
+        assert!(missing.contains("services[0].name: missing"), "{missing}");
+        let bad = check("service = \"Db_1\"\nport = 5432").expect_err("invalid");
+        assert!(bad.contains("services[0].name"), "{bad}");
+        // The local API's body: the same rules, and what it answers says `service`.
+        let body: ServiceConfig = signpost_shared::wire::parse_json(br#"{"service":"api","port":9100}"#).expect("parses");
+        assert_eq!(body.name, "api");
+        let unknown = signpost_shared::wire::parse_json::<ServiceConfig>(br#"{"service":"api","port":9100,"colour":1}"#);
+        assert!(unknown.is_err());
     }
 
     #[test]

@@ -1,12 +1,11 @@
 //! Anti-entropy with the registry: follows its catalog feed (a blocking query on the change
-//! index) into the cache, introduces the agents it lists to gossip, and saves the registry's
-//! word to disk (at most once a second) for the next start. A blocking query whose wait ends
+//! index) into the cache and introduces the agents it lists to gossip ([`crate::persist::run`]
+//! saves the registry's word to disk for the next start). A blocking query whose wait ends
 //! with no change still carries the whole catalog: that answer is recognised by its index
 //! header and dropped unread, so an idle agent never parses or merges the catalog.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +16,6 @@ use crate::cache::Cache;
 use crate::gossip::Gossip;
 use crate::metrics::Metrics;
 use crate::page::PageSeed;
-use crate::persist;
 
 /// Follows the feed until cancelled.
 pub async fn follow(
@@ -103,32 +101,6 @@ pub async fn follow(
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
-        }
-    }
-}
-
-/// Saves the registry's word when it changed, at most once a second, and once more on the
-/// way out.
-pub async fn persist_loop(cache: Arc<Cache>, file: PathBuf, shutdown: CancellationToken) {
-    let mut saved_at = None;
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        let stop = tokio::select! {
-            _ = shutdown.cancelled() => true,
-            _ = ticker.tick() => false,
-        };
-        let view = cache.registry();
-        let key = (view.index, view.instances.len(), view.confirmed_at);
-        if view.confirmed_at.is_some() && saved_at != Some(key) {
-            let file = file.clone();
-            match tokio::task::spawn_blocking(move || persist::save(&file, &view)).await {
-                Ok(Ok(())) => saved_at = Some(key),
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot save the catalog cache"),
-                Err(e) => tracing::warn!(error = %e, "saving the catalog cache failed"),
-            }
-        }
-        if stop {
-            return;
         }
     }
 }

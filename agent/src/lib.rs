@@ -241,7 +241,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             gossip_key::watch_file(path.clone(), keys.clone(), KEY_FILE_POLL, work.clone()).instrument(tracing::info_span!("gossip_keys")),
         ));
     }
-    tasks.spawn(named("persist", feed::persist_loop(cache.clone(), cache_file, token.clone()).instrument(tracing::info_span!("persist"))));
+    tasks.spawn(named(
+        "persist",
+        persist::run(cache.clone(), cache_file, metrics.clone(), token.clone()).instrument(tracing::info_span!("persist")),
+    ));
     let sync_token = CancellationToken::new();
     let syncer_task = tokio::spawn(syncer.run(sync_token.clone()).instrument(tracing::info_span!("sync")));
     tracing::info!(node = %node, addr = %http_addr, gossip = %advertise, address = %address, "listening");

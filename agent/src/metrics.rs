@@ -52,6 +52,8 @@ pub struct Metrics {
     gossip_datagrams_received: Counter,
     gossip_bytes_received: Counter,
     gossip_recv_buffer: Gauge,
+    cache_save_failures: Counter,
+    cache_save_failing: Gauge,
 }
 
 impl Default for Metrics {
@@ -114,6 +116,18 @@ impl Metrics {
         registry.register("gossip_received_bytes", "Bytes of gossip datagrams received", gossip_bytes_received.clone());
         let gossip_recv_buffer = Gauge::default();
         registry.register("gossip_recv_buffer_bytes", "Receive buffer the kernel granted the gossip socket", gossip_recv_buffer.clone());
+        let cache_save_failures = Counter::default();
+        registry.register(
+            "cache_save_failures",
+            "Failed saves of the catalog cache to data_dir (a full or read-only disk); the file saved before is kept",
+            cache_save_failures.clone(),
+        );
+        let cache_save_failing = Gauge::default();
+        registry.register(
+            "cache_save_failing",
+            "1 while the last try to save the catalog cache failed, 0 once a save works",
+            cache_save_failing.clone(),
+        );
         Metrics {
             http,
             registry,
@@ -131,7 +145,20 @@ impl Metrics {
             gossip_datagrams_received,
             gossip_bytes_received,
             gossip_recv_buffer,
+            cache_save_failures,
+            cache_save_failing,
         }
+    }
+
+    /// Counts a failed save of the catalog cache.
+    pub fn cache_save_failed(&self) {
+        self.cache_save_failures.inc();
+        self.cache_save_failing.set(1);
+    }
+
+    /// Records a save of the catalog cache that worked.
+    pub fn cache_saved(&self) {
+        self.cache_save_failing.set(0);
     }
 
     /// Counts a gossip datagram dropped before chitchat.

@@ -3,17 +3,24 @@
 //! `magic | format version | length | CRC-32 | bincode body`, written to a temporary file,
 //! synced and renamed into place; a file that is corrupt, truncated or of another version is
 //! logged and ignored. Saving streams the body from the cache's instances into the file
-//! (the header is written last), so it holds no copy of the catalog.
+//! (the header is written last), so it holds no copy of the catalog. A save that fails (a
+//! full or read-only disk) removes its temporary file and leaves the saved file as it was;
+//! [`run`] retries it with a back-off and warns once per cause, not once per try.
 
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use signpost_shared::model::{CheckSpec, Health, Instance, Meta};
 use signpost_shared::wire::AgentInfo;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use crate::cache::RegistryView;
+use crate::cache::{Cache, RegistryView};
+use crate::metrics::Metrics;
 
 const MAGIC: &[u8; 4] = b"SPC\0";
 /// The format version this code writes and reads.
@@ -41,6 +48,27 @@ pub enum PersistError {
         /// What is wrong.
         problem: String,
     },
+    /// A save failed, and its temporary file could not be removed either.
+    #[error("{cause}; the temporary file {temp} could not be removed: {source}")]
+    TempLeft {
+        /// Why the save failed.
+        cause: Box<PersistError>,
+        /// The temporary file.
+        temp: PathBuf,
+        /// Why it could not be removed.
+        source: std::io::Error,
+    },
+}
+
+impl PersistError {
+    /// The kind of I/O error behind it (a full disk, a read-only one), if it is one.
+    pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
+        match self {
+            PersistError::Io { source, .. } => Some(source.kind()),
+            PersistError::Corrupt { .. } => None,
+            PersistError::TempLeft { cause, .. } => cause.io_kind(),
+        }
+    }
 }
 
 // bincode is not self-describing: these mirror the model without serde attributes that skip
@@ -226,20 +254,44 @@ fn saved_ref(view: &RegistryView, saved_at_ms: i64) -> SavedRef<'_> {
     }
 }
 
-/// Writes `view` atomically.
+/// The temporary file `save` writes before renaming it to `file`.
+pub fn temp_path(file: &Path) -> PathBuf {
+    file.with_extension("bin.tmp")
+}
+
+/// Writes `view` atomically: into a temporary file, synced, then renamed over `file`. When
+/// any step fails the temporary file is removed and `file` is left as it was.
 pub fn save(file: &Path, view: &RegistryView) -> Result<(), PersistError> {
     let io = |source| PersistError::Io { path: file.to_path_buf(), source };
     let saved = saved_ref(view, Utc::now().timestamp_millis());
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
-    let temp = file.with_extension("bin.tmp");
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&temp).map_err(io)?);
+    let temp = TempFile::create(temp_path(file)).map_err(io)?;
+    if let Err(cause) = write_body(&temp, &saved, file).and_then(|()| std::fs::rename(&temp.path, file).map_err(io)) {
+        return match temp.remove() {
+            Ok(()) => Err(cause),
+            Err((temp, source)) => Err(PersistError::TempLeft { cause: Box::new(cause), temp, source }),
+        };
+    }
+    temp.renamed();
+    if let Some(dir) = file.parent()
+        && let Ok(dir) = std::fs::File::open(dir)
+    {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+/// Writes the header and the body into the temporary file and syncs it.
+fn write_body(temp: &TempFile, saved: &SavedRef<'_>, file: &Path) -> Result<(), PersistError> {
+    let io = |source| PersistError::Io { path: file.to_path_buf(), source };
+    let mut out = std::io::BufWriter::new(&temp.file);
     // The header's length and checksum are known once the body is written: a placeholder
     // first, the header at the end.
     out.write_all(&[0; HEADER]).map_err(io)?;
     let mut body = BodyWriter { out, length: 0, crc: crc32fast::Hasher::new() };
-    bincode::serde::encode_into_std_write(&saved, &mut body, bincode::config::standard()).map_err(|e| match e {
+    bincode::serde::encode_into_std_write(saved, &mut body, bincode::config::standard()).map_err(|e| match e {
         bincode::error::EncodeError::Io { inner, .. } => io(inner),
         e => PersistError::Corrupt { path: file.to_path_buf(), problem: format!("cannot encode: {e}") },
     })?;
@@ -247,15 +299,56 @@ pub fn save(file: &Path, view: &RegistryView) -> Result<(), PersistError> {
     let mut out = out.into_inner().map_err(|e| io(e.into_error()))?;
     out.seek(SeekFrom::Start(0)).map_err(io)?;
     out.write_all(&header(length, crc.finalize())).map_err(io)?;
-    out.sync_all().map_err(io)?;
-    drop(out);
-    std::fs::rename(&temp, file).map_err(io)?;
-    if let Some(dir) = file.parent()
-        && let Ok(dir) = std::fs::File::open(dir)
-    {
-        let _ = dir.sync_all();
+    out.sync_all().map_err(io)
+}
+
+/// A temporary file being written: removed when dropped unless it was renamed into place,
+/// so that no failure (an error or a panic) leaves a partial file behind.
+struct TempFile {
+    path: PathBuf,
+    file: std::fs::File,
+    /// Cleared once the file is renamed into place, or removed.
+    pending: bool,
+}
+
+impl TempFile {
+    fn create(path: PathBuf) -> std::io::Result<TempFile> {
+        let file = std::fs::File::create(&path)?;
+        Ok(TempFile { path, file, pending: true })
     }
-    Ok(())
+
+    /// It is the saved file now: nothing to remove.
+    fn renamed(mut self) {
+        self.pending = false;
+    }
+
+    /// Removes it, or says why it could not be.
+    fn remove(mut self) -> Result<(), (PathBuf, std::io::Error)> {
+        self.pending = false;
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err((self.path.clone(), e)),
+        }
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if self.pending {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Removes a temporary file left by a save that was interrupted (the process killed
+/// mid-write); true when there was one.
+pub fn remove_stale_temp(file: &Path) -> std::io::Result<bool> {
+    match std::fs::remove_file(temp_path(file)) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 fn header(length: u64, crc: u32) -> [u8; HEADER] {
@@ -355,6 +448,182 @@ pub fn decode(bytes: &[u8]) -> Result<RegistryView, String> {
     })
 }
 
+// === The saving loop ===
+
+/// How often the loop looks for a change to save.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+/// The first retry after a failed save; each failure doubles it, up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between two tries while saving fails.
+pub const RETRY_MAX: Duration = Duration::from_secs(30);
+/// While saving keeps failing for the same cause, a warning this often (the tries between
+/// are logged at debug).
+pub const WARN_AGAIN_AFTER: Duration = Duration::from_secs(300);
+
+/// Saves the registry's word when it changed, at most once a second, and once more on the
+/// way out. A failed save keeps the file saved before; it is retried after 1 s, 2 s, 4 s …
+/// up to [`RETRY_MAX`], warned about when it starts failing, when the cause changes and every
+/// [`WARN_AGAIN_AFTER`], and counted on `/metrics`; the first save that works again is
+/// logged at info.
+pub async fn run(cache: Arc<Cache>, file: PathBuf, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    match remove_stale_temp(&file) {
+        Ok(true) => tracing::info!(path = %temp_path(&file).display(), "removed the temporary file of an interrupted save"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(path = %temp_path(&file).display(), error = %e, "cannot remove the temporary file of an interrupted save"),
+    }
+    let mut saved_at = None;
+    let mut retry = Retry::default();
+    let mut ticker = tokio::time::interval(SAVE_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stop = tokio::select! {
+            _ = shutdown.cancelled() => true,
+            _ = ticker.tick() => false,
+        };
+        let view = cache.registry();
+        let key = (view.index, view.instances.len(), view.confirmed_at);
+        // On the way out there is one last try, whatever the back-off says.
+        if view.confirmed_at.is_some() && saved_at != Some(key) && (stop || retry.due(Instant::now())) {
+            let target = file.clone();
+            let result = match tokio::task::spawn_blocking(move || save(&target, &view)).await {
+                Ok(result) => result.map_err(|e| (e.io_kind().map_or(Cause::Other, Cause::Io), e.to_string())),
+                Err(e) => Err((Cause::Other, format!("the saving task failed: {e}"))),
+            };
+            match result {
+                Ok(()) => {
+                    saved_at = Some(key);
+                    metrics.cache_saved();
+                    if let Some(Recovered { failures, failing_for }) = retry.succeeded(Instant::now()) {
+                        tracing::info!(
+                            path = %file.display(),
+                            failures,
+                            failing_for_s = failing_for.as_secs(),
+                            "the catalog cache is saved again"
+                        );
+                    }
+                }
+                Err((cause, error)) => {
+                    metrics.cache_save_failed();
+                    let failed = retry.failed(Instant::now(), cause);
+                    let retry_in_s = failed.retry_in.as_secs();
+                    let failing_for_s = failed.failing_for.as_secs();
+                    match failed.log {
+                        Log::First => tracing::warn!(
+                            error = %error,
+                            retry_in_s,
+                            "cannot save the catalog cache; the file saved before is kept, lookups are unaffected, retrying with a back-off"
+                        ),
+                        Log::Again => tracing::warn!(
+                            error = %error,
+                            failures = failed.failures,
+                            failing_for_s,
+                            retry_in_s,
+                            "still cannot save the catalog cache; the file saved before is kept"
+                        ),
+                        Log::Quiet => tracing::debug!(
+                            error = %error,
+                            failures = failed.failures,
+                            failing_for_s,
+                            retry_in_s,
+                            "still cannot save the catalog cache"
+                        ),
+                    }
+                }
+            }
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
+/// What made a save fail, as far as warnings tell causes apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// An I/O error of this kind (a full disk, a read-only one, no permission).
+    Io(std::io::ErrorKind),
+    /// Anything else.
+    Other,
+}
+
+/// How a failed save is logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Log {
+    /// Saving just started failing: a warning.
+    First,
+    /// Still failing, for another cause or long after the last warning: a warning.
+    Again,
+    /// Still failing as last warned: debug.
+    Quiet,
+}
+
+/// What [`Retry::failed`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Failed {
+    log: Log,
+    /// Failures in a row, this one included.
+    failures: u64,
+    failing_for: Duration,
+    /// When the next try is due.
+    retry_in: Duration,
+}
+
+/// What [`Retry::succeeded`] reports after a run of failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Recovered {
+    failures: u64,
+    failing_for: Duration,
+}
+
+/// The back-off of failed saves: when to try again and whether to warn. No I/O, no clock of
+/// its own.
+#[derive(Debug, Default)]
+struct Retry {
+    failing: Option<Failing>,
+}
+
+#[derive(Debug)]
+struct Failing {
+    since: Instant,
+    failures: u64,
+    delay: Duration,
+    next: Instant,
+    warned_at: Instant,
+    warned_cause: Cause,
+}
+
+impl Retry {
+    /// Whether a save may be tried at `now`.
+    fn due(&self, now: Instant) -> bool {
+        self.failing.as_ref().is_none_or(|f| now >= f.next)
+    }
+
+    /// Records a failed save at `now`.
+    fn failed(&mut self, now: Instant, cause: Cause) -> Failed {
+        let Some(f) = &mut self.failing else {
+            self.failing =
+                Some(Failing { since: now, failures: 1, delay: RETRY_FIRST, next: now + RETRY_FIRST, warned_at: now, warned_cause: cause });
+            return Failed { log: Log::First, failures: 1, failing_for: Duration::ZERO, retry_in: RETRY_FIRST };
+        };
+        f.failures += 1;
+        f.delay = (f.delay * 2).min(RETRY_MAX);
+        f.next = now + f.delay;
+        let log = if cause != f.warned_cause || now.duration_since(f.warned_at) >= WARN_AGAIN_AFTER {
+            f.warned_at = now;
+            f.warned_cause = cause;
+            Log::Again
+        } else {
+            Log::Quiet
+        };
+        Failed { log, failures: f.failures, failing_for: now.duration_since(f.since), retry_in: f.delay }
+    }
+
+    /// Records a save that worked; after failures, how many there were and for how long.
+    fn succeeded(&mut self, now: Instant) -> Option<Recovered> {
+        self.failing.take().map(|f| Recovered { failures: f.failures, failing_for: now.duration_since(f.since) })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,5 +680,63 @@ mod tests {
         future[4] = 9;
         std::fs::write(&file, future).expect("write");
         assert!(load(&file).expect_err("version").to_string().contains("format version 9"));
+    }
+
+    #[test]
+    fn a_failed_save_removes_its_temporary_file_and_keeps_the_saved_one() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = path(dir.path());
+        save(&file, &view()).expect("save");
+        let before = std::fs::read(&file).expect("read");
+        // A rename onto a non-empty folder fails after the temporary file is fully written.
+        let blocked = dir.path().join("blocked.bin");
+        std::fs::create_dir_all(blocked.join("inside")).expect("folder");
+        let error = save(&blocked, &view()).expect_err("cannot rename onto a folder");
+        assert!(error.io_kind().is_some(), "{error}");
+        assert!(!temp_path(&blocked).exists(), "the temporary file was left behind");
+        assert_eq!(std::fs::read(&file).expect("read"), before);
+        // A temporary file left by a killed process is removed at the next start.
+        std::fs::write(temp_path(&file), b"partial").expect("write");
+        assert!(remove_stale_temp(&file).expect("remove"));
+        assert!(!remove_stale_temp(&file).expect("nothing left"));
+        assert_eq!(load(&file).expect("load").expect("some").instances, view().instances);
+    }
+
+    #[test]
+    fn failed_saves_back_off_and_warn_once_per_cause() {
+        let full = Cause::Io(std::io::ErrorKind::StorageFull);
+        let read_only = Cause::Io(std::io::ErrorKind::ReadOnlyFilesystem);
+        let start = Instant::now();
+        let mut retry = Retry::default();
+        assert!(retry.due(start));
+        let mut now = start;
+        let mut logs = Vec::new();
+        let mut waits = Vec::new();
+        // Ten minutes of a full disk, trying whenever a try is due (the loop looks every second).
+        while now < start + Duration::from_secs(600) {
+            if retry.due(now) {
+                let failed = retry.failed(now, full);
+                logs.push(failed.log);
+                waits.push(failed.retry_in.as_secs());
+            }
+            now += SAVE_EVERY;
+        }
+        assert_eq!(&waits[..7], [1, 2, 4, 8, 16, 30, 30]);
+        let warnings = logs.iter().filter(|l| **l != Log::Quiet).count();
+        assert_eq!(logs[0], Log::First);
+        // One at the start and one reminder every five minutes, out of ~25 tries.
+        assert_eq!(warnings, 2, "{logs:?}");
+        assert!(logs.len() > 20, "{}", logs.len());
+        // Another cause is warned about at once; the back-off goes on.
+        let failed = retry.failed(now, read_only);
+        assert_eq!((failed.log, failed.retry_in), (Log::Again, RETRY_MAX));
+        assert_eq!(retry.failed(now + RETRY_MAX, read_only).log, Log::Quiet);
+        assert!(!retry.due(now + Duration::from_secs(1)));
+        let recovered = retry.succeeded(now + RETRY_MAX * 2).expect("it was failing");
+        assert_eq!(recovered.failures, logs.len() as u64 + 2);
+        assert!(recovered.failing_for >= Duration::from_secs(600));
+        assert!(retry.due(now), "after a save that worked, the next change saves at once");
+        assert_eq!(retry.succeeded(now), None, "nothing to report twice");
+        assert_eq!(retry.failed(now, full).log, Log::First);
     }
 }

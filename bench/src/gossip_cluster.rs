@@ -386,6 +386,7 @@ fn append_line(path: &std::path::Path, line: &str) -> anyhow::Result<()> {
 fn service(name: &str, port: u16, id: Option<String>) -> ServiceConfig {
     ServiceConfig {
         name: name.into(),
+        service: None,
         port,
         id,
         address: None,

@@ -259,6 +259,7 @@ pub struct AgentBuilder {
     node: String,
     args: Vec<String>,
     host: Option<NetnsHost>,
+    data_dir: Option<PathBuf>,
 }
 
 /// Where an agent runs when it runs in a network namespace of its own.
@@ -280,13 +281,20 @@ impl AgentBuilder {
             args.push("--registry".to_string());
             args.push(url.clone());
         }
-        AgentBuilder { node: node.to_string(), args, host: None }
+        AgentBuilder { node: node.to_string(), args, host: None, data_dir: None }
     }
 
     /// Adds `--name value`.
     pub fn flag(mut self, name: &str, value: impl Into<String>) -> Self {
         self.args.push(format!("--{name}"));
         self.args.push(value.into());
+        self
+    }
+
+    /// Keeps its data in `dir` (e.g. a small file system the test fills) instead of a folder
+    /// of its own.
+    pub fn data_dir(mut self, dir: &std::path::Path) -> Self {
+        self.data_dir = Some(dir.to_path_buf());
         self
     }
 
@@ -308,6 +316,7 @@ impl AgentBuilder {
             }
         };
         let gossip_port = gossip.port();
+        let data_dir = self.data_dir.unwrap_or_else(|| dir.path().join("data"));
         let mut args = vec![
             "--node".to_string(),
             self.node.clone(),
@@ -316,7 +325,7 @@ impl AgentBuilder {
             "--gossip-listen".into(),
             gossip.to_string(),
             "--data-dir".into(),
-            dir.path().join("data").display().to_string(),
+            data_dir.display().to_string(),
             "--log-format".into(),
             "json".into(),
             "--log-level".into(),
@@ -333,7 +342,7 @@ impl AgentBuilder {
         let netns = self.host.map(|h| h.netns);
         let addr = SocketAddr::from(([127, 0, 0, 1], 0));
         let http = http_client(api_token.as_deref(), Duration::from_secs(30));
-        let mut agent = Agent { node: self.node, args, netns, dir, child: None, addr, gossip_port, runs: 0, http };
+        let mut agent = Agent { node: self.node, args, netns, dir, data_dir, child: None, addr, gossip_port, runs: 0, http };
         agent.spawn().await;
         agent
     }
@@ -345,6 +354,7 @@ pub struct Agent {
     pub node: String,
     args: Vec<String>,
     dir: tempfile::TempDir,
+    data_dir: PathBuf,
     child: Option<Child>,
     /// Where its HTTP API listens (changes on restart).
     pub addr: SocketAddr,
@@ -391,7 +401,7 @@ impl Agent {
 
     /// Its data folder.
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data_dir.clone()
     }
 
     /// Its process id.

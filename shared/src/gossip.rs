@@ -125,6 +125,7 @@ impl GossipInstance {
         let registration = Registration {
             id: id.to_string(),
             service: value.service.clone(),
+            name: None,
             address: value.address.clone(),
             port: i64::from(value.port),
             tags: value.tags.clone(),

@@ -138,41 +138,104 @@ pub fn host_port(value: &str) -> Result<(), String> {
 
 /// The body of `POST /v1/instances`: what a client may say about an instance.
 /// Numbers are read wide so that an out-of-range value gets a range error, not a type error.
+/// The service may be given as `service` or as `name` (the agent's local API and configuration
+/// files say `name`), or as both when they agree; answers always say `service`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "RegistrationBody")]
 pub struct Registration {
     /// Unique id, 1-128 characters of `[A-Za-z0-9._:-]`.
     pub id: String,
-    /// The service, a DNS label.
+    /// The service, a DNS label (read from `name` when the body says only that).
     pub service: String,
+    /// The service as the body gave it under `name`, if it did; it must agree with `service`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// IP address or host name the instance is reached at.
     pub address: String,
     /// Port, 1-65535.
     pub port: i64,
     /// At most 32 tags.
-    #[serde(default)]
     pub tags: Vec<String>,
     /// At most 32 string pairs.
-    #[serde(default)]
     pub meta: Meta,
     /// Relative share of traffic, 1-10000 (default 100).
-    #[serde(default)]
     pub weight: Option<i64>,
     /// Zone, a DNS label.
-    #[serde(default)]
     pub zone: Option<String>,
     /// Initial health (default passing); `maintenance` has its own endpoint.
-    #[serde(default)]
     pub health: Option<Health>,
     /// The owning agent's node name, when an agent registers it.
-    #[serde(default)]
     pub node: Option<String>,
     /// A check the registry runs itself when no agent owns the instance.
-    #[serde(default)]
     pub check: Option<CheckSpec>,
     /// Lease in seconds (default 30, 1-86400).
-    #[serde(default)]
     pub ttl_s: Option<i64>,
+}
+
+/// A registration as read from JSON: `service` and `name` both optional, reconciled by
+/// [`Registration::validate`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistrationBody {
+    id: String,
+    #[serde(default)]
+    service: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    address: String,
+    port: i64,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    meta: Meta,
+    #[serde(default)]
+    weight: Option<i64>,
+    #[serde(default)]
+    zone: Option<String>,
+    #[serde(default)]
+    health: Option<Health>,
+    #[serde(default)]
+    node: Option<String>,
+    #[serde(default)]
+    check: Option<CheckSpec>,
+    #[serde(default)]
+    ttl_s: Option<i64>,
+}
+
+impl From<RegistrationBody> for Registration {
+    fn from(body: RegistrationBody) -> Self {
+        Registration {
+            id: body.id,
+            service: body.service.or_else(|| body.name.clone()).unwrap_or_default(),
+            name: body.name,
+            address: body.address,
+            port: body.port,
+            tags: body.tags,
+            meta: body.meta,
+            weight: body.weight,
+            zone: body.zone,
+            health: body.health,
+            node: body.node,
+            check: body.check,
+            ttl_s: body.ttl_s,
+        }
+    }
+}
+
+/// What a body that names no service is told (the field is `service`, or `name`).
+pub const SERVICE_MISSING: &str = "missing: the service's name, as `service` (or `name`)";
+
+/// Checks that a service given both as `service` and as `name` is given the same: the two
+/// are spellings of one field.
+pub fn same_service(service: &str, name: &str) -> Result<(), String> {
+    if service == name {
+        return Ok(());
+    }
+    Err(format!(
+        "`{}` disagrees with `service` `{}`: `name` and `service` are two spellings of the service's name; give one, or both the same",
+        validate::clip(name),
+        validate::clip(service)
+    ))
 }
 
 /// A registration that passed validation.
@@ -210,7 +273,14 @@ impl Registration {
     pub fn validate(self) -> Result<InstanceSpec, ValidationErrors> {
         let mut errors = ValidationErrors::default();
         errors.check("id", validate::instance_id(&self.id));
-        errors.check("service", validate::dns_label(&self.service));
+        if self.service.is_empty() && self.name.is_none() {
+            errors.add("service", SERVICE_MISSING);
+        } else {
+            errors.check("service", validate::dns_label(&self.service));
+        }
+        if let Some(name) = &self.name {
+            errors.check("name", same_service(&self.service, name));
+        }
         errors.check("address", validate::address(&self.address));
         let port = validate::port(self.port).map_err(|p| errors.add("port", p)).unwrap_or(0);
         if self.tags.len() > validate::MAX_TAGS {
@@ -278,6 +348,7 @@ impl From<&InstanceSpec> for Registration {
         Registration {
             id: spec.id.clone(),
             service: spec.service.clone(),
+            name: None,
             address: spec.address.clone(),
             port: i64::from(spec.port),
             tags: spec.tags.clone(),
@@ -376,6 +447,52 @@ mod tests {
         let errors = r.validate().expect_err("invalid");
         let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["service", "port", "tags", "weight", "check.http", "check.timeout"]);
+    }
+
+    #[test]
+    fn the_service_is_taken_as_service_or_name_and_both_must_agree() {
+        let parse = |body: serde_json::Value| crate::wire::parse_json::<Registration>(body.to_string().as_bytes());
+        let base = || serde_json::json!({"id": "web-1", "address": "10.0.0.1", "port": 8080});
+        let with = |fields: serde_json::Value| {
+            let mut body = base();
+            for (k, v) in fields.as_object().expect("object") {
+                body[k] = v.clone();
+            }
+            body
+        };
+        for fields in [
+            serde_json::json!({"service": "web"}),
+            serde_json::json!({"name": "web"}),
+            serde_json::json!({"service": "web", "name": "web"}),
+        ] {
+            let registration = parse(with(fields.clone())).expect("parses");
+            let spec = registration.clone().validate().unwrap_or_else(|e| panic!("{fields}: {e}"));
+            assert_eq!(spec.service, "web", "{fields}");
+            // What is sent on, and answered, says `service` only.
+            let again = serde_json::to_value(Registration::from(&spec)).expect("serializes");
+            assert_eq!(again["service"], "web");
+            assert!(again.get("name").is_none(), "{again}");
+            // A registration read from a body serializes back to the same registration.
+            let round = parse(serde_json::to_value(&registration).expect("serializes")).expect("parses back");
+            assert_eq!(round, registration);
+        }
+        let fields = |body: serde_json::Value| -> Vec<String> {
+            let errors = parse(body).expect("parses").validate().expect_err("refused");
+            errors.0.into_iter().map(|e| format!("{}: {}", e.field, e.problem)).collect()
+        };
+        let clash = fields(with(serde_json::json!({"service": "web", "name": "api"})));
+        assert_eq!(clash.len(), 1, "{clash:?}");
+        assert!(clash[0].starts_with("name: `api` disagrees with `service` `web`"), "{clash:?}");
+        // An empty `service` is a value of its own: it disagrees with `name` too.
+        let empty = fields(with(serde_json::json!({"service": "", "name": "web"})));
+        assert_eq!(empty.iter().map(|e| e.split(':').next().unwrap_or_default()).collect::<Vec<_>>(), ["service", "name"], "{empty:?}");
+        assert_eq!(fields(base()), [format!("service: {SERVICE_MISSING}")]);
+        assert!(fields(with(serde_json::json!({"name": "Web_1"})))[0].starts_with("service: "));
+        // Still a closed set of fields, and a wrong type is named.
+        let unknown = crate::wire::parse_json::<Registration>(br#"{"id":"a","name":"web","address":"x","port":1,"colour":1}"#);
+        assert!(matches!(unknown, Err(crate::wire::BodyError::Invalid(e)) if e.0[0].field == "colour"));
+        let typed = crate::wire::parse_json::<Registration>(br#"{"id":"a","name":7,"address":"x","port":1}"#);
+        assert!(matches!(typed, Err(crate::wire::BodyError::Invalid(e)) if e.0[0].field == "name"));
     }
 
     #[test]
