@@ -17,6 +17,7 @@ pub struct RegistryBuilder {
     listen: Option<u16>,
     ip: Option<std::net::IpAddr>,
     ca_file: Option<PathBuf>,
+    wrapper: Vec<String>,
 }
 
 impl RegistryBuilder {
@@ -55,6 +56,13 @@ impl RegistryBuilder {
         self.flag("tls-cert-file", cert.display().to_string()).flag("tls-key-file", key.display().to_string())
     }
 
+    /// Runs the binary through `program args… <binary> <its args>` (e.g. `faketime -f +10m`,
+    /// for a replica whose clock is off).
+    pub fn wrapped(mut self, program: &[&str]) -> Self {
+        self.wrapper = program.iter().map(|p| p.to_string()).collect();
+        self
+    }
+
     /// Runs the process in `dir` (the default data folder is relative to it).
     pub fn cwd(mut self, dir: PathBuf) -> Self {
         self.cwd = Some(dir);
@@ -77,7 +85,8 @@ impl RegistryBuilder {
         argv.extend(self.args);
         let cwd = self.cwd.unwrap_or_else(|| dir.path().to_path_buf());
         let ca_file = self.ca_file;
-        let mut registry = Registry { child: None, addr: SocketAddr::from(([127, 0, 0, 1], 0)), argv, cwd, runs: 0, dir, ca_file };
+        let wrapper = self.wrapper;
+        let mut registry = Registry { child: None, addr: SocketAddr::from(([127, 0, 0, 1], 0)), argv, cwd, runs: 0, dir, ca_file, wrapper };
         registry.spawn().await;
         registry
     }
@@ -95,6 +104,8 @@ pub struct Registry {
     dir: tempfile::TempDir,
     /// The CA its certificate is issued by, when it serves HTTPS.
     ca_file: Option<PathBuf>,
+    /// A program the binary runs under, with its arguments.
+    wrapper: Vec<String>,
 }
 
 impl Registry {
@@ -105,7 +116,14 @@ impl Registry {
     async fn spawn(&mut self) {
         self.runs += 1;
         let log = self.log_path();
-        let mut command = Command::new(crate::binary("signpost-registry"));
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(crate::binary("signpost-registry"));
+                command
+            }
+            None => Command::new(crate::binary("signpost-registry")),
+        };
         command.args(&self.argv).current_dir(&self.cwd).env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null());
         command.stderr(std::fs::File::create(&log).expect("log file"));
         // Held before waiting, so that a process that never listens is still killed on drop.

@@ -215,3 +215,55 @@ async fn a_registry_started_before_its_database_is_alive_at_once_and_serves_when
     drop(registry);
     drop(postgres);
 }
+
+/// Whether `faketime` (Debian's package of that name, installed by scripts/test) is here.
+fn faketime_installed() -> bool {
+    std::process::Command::new("faketime").arg("--help").output().is_ok_and(|o| o.status.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_clock_is_ten_minutes_ahead_stamps_and_sweeps_by_the_databases_clock() {
+    if !faketime_installed() {
+        assert!(std::env::var_os("SIGNPOST_TEST_REQUIRE_TOOLS").is_none(), "faketime is missing (scripts/test installs it)");
+        eprintln!("skipped: faketime is not installed (apt-get install faketime)");
+        return;
+    }
+    let db = TestDb::create().await;
+    // The leading replica's clock is 10 minutes ahead; the other's is right.
+    let ahead = replica(&db).wrapped(&["faketime", "-f", "+10m"]).start().await;
+    eventually("the replica that is ahead leads", Duration::from_secs(10), || async {
+        (ahead.metric("signpost_registry_leader").await? == 1.0).then_some(())
+    })
+    .await;
+    let right = replica(&db).start().await;
+    let skew = |instance: &Value| {
+        let lease = instance["lease_expires_at"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        lease.map(|lease| (lease.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_seconds())
+    };
+
+    // Stamped by the replica that is ahead: a lease of 30 s runs 30 s, not 10 min and 30 s.
+    let stamped: Value = reqwest::Client::new()
+        .post(ahead.at("/v1/instances"))
+        .json(&instance("stamped", 30))
+        .send()
+        .await
+        .expect("POST")
+        .json()
+        .await
+        .expect("json");
+    let left = skew(&stamped).expect("a lease");
+    assert!((20..=40).contains(&left), "the lease ends {left} s from now: {stamped}");
+
+    // Renewed through the replica that is right, every second, with a lease of 5 s: the
+    // leader that is ahead never takes it for lapsed.
+    assert_eq!(register(&right, &instance("renewed", 5)).await, StatusCode::CREATED);
+    let client = reqwest::Client::new();
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        let beat = client.put(right.at("/v1/instances/renewed/heartbeat")).json(&json!({})).send().await.expect("PUT");
+        let instance: Value = beat.json().await.expect("json");
+        assert_eq!(instance["health"], "passing", "renewed every second, yet: {instance}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(ahead.metric("signpost_registry_leases_expired_total").await, Some(0.0), "the leader expired a live lease");
+}
