@@ -15,6 +15,7 @@ use std::time::Duration;
 use signpost_shared::client::{ClientError, RegistryClient};
 use signpost_shared::model::{Health, Registration};
 use signpost_shared::wire::{AgentAnnouncement, Heartbeat, Maintenance, announce_period};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -66,115 +67,148 @@ pub struct Syncer {
     refused: BTreeSet<String>,
 }
 
+/// One call to the registry that a pass starts.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Call {
+    /// Renew the agent's announcement.
+    Announce,
+    /// Register or heartbeat a local service.
+    Sync(String),
+    /// Deregister a service removed at run time.
+    Deregister(String),
+}
+
+/// What a call came back with: for a sync, what the registry was told (`None`: nothing due).
+type Outcome = (Call, Result<Option<Told>, ClientError>);
+
 impl Syncer {
     /// A syncer for `local`.
     pub fn new(client: RegistryClient, local: Arc<LocalState>, metrics: Arc<Metrics>, config: SyncConfig) -> Self {
         Syncer { client, local, metrics, config, told: BTreeMap::new(), refused: BTreeSet::new() }
     }
 
-    /// Syncs on every local change and every announcement period, until cancelled.
+    /// Starts a pass on every local change and every announcement period (sooner, backing
+    /// off, while calls fail), until cancelled. Each call runs on its own under a deadline; a
+    /// call still running when the next pass comes is not started again, and holds no other.
     pub async fn run(mut self, shutdown: CancellationToken) -> Self {
         let mut changes = self.local.subscribe();
         let period = announce_period(self.config.lease_ttl_s);
+        let mut calls: JoinSet<Outcome> = JoinSet::new();
+        let mut running: BTreeSet<Call> = BTreeSet::new();
         let mut backoff = Duration::from_millis(200);
         let mut failing = false;
+        let mut first_error: Option<ClientError> = None;
+        let mut next_pass = Instant::now();
         loop {
-            // A registry that hangs must not hold the agent's leave back.
-            let ok = tokio::select! {
-                _ = shutdown.cancelled() => return self,
-                ok = self.sync_all() => ok,
-            };
-            match (ok, failing) {
-                (Ok(()), true) => {
-                    tracing::info!(url = %self.client.current_url(), "registry reachable again; local services are registered");
-                    failing = false;
+            if Instant::now() >= next_pass {
+                // How the calls since the last pass went decides the pace of the next ones.
+                match (first_error.take(), failing) {
+                    (None, true) => {
+                        tracing::info!(url = %self.client.current_url(), "registry reachable again; local services are registered");
+                        failing = false;
+                    }
+                    (Some(e), false) => {
+                        tracing::warn!(error = %e, "cannot sync with the registry; retrying (gossip keeps the fleet informed)");
+                        failing = true;
+                    }
+                    _ => {}
                 }
-                (Err(e), false) => {
-                    tracing::warn!(error = %e, "cannot sync with the registry; retrying (gossip keeps the fleet informed)");
-                    failing = true;
-                }
-                _ => {}
+                let wait = if failing {
+                    backoff = (backoff * 2).min(period);
+                    backoff
+                } else {
+                    backoff = Duration::from_millis(200);
+                    period
+                };
+                self.start_pass(&mut calls, &mut running);
+                next_pass = Instant::now() + wait;
             }
-            let wait = if failing {
-                backoff = (backoff * 2).min(period.max(Duration::from_secs(1)));
-                backoff
-            } else {
-                backoff = Duration::from_millis(200);
-                period
-            };
             tokio::select! {
-                _ = shutdown.cancelled() => return self,
-                changed = changes.changed() => if changed.is_err() { return self },
-                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => break,
+                changed = changes.changed() => {
+                    if changed.is_err() { break }
+                    next_pass = Instant::now();
+                }
+                Some(done) = calls.join_next(), if !calls.is_empty() => {
+                    let Ok((call, result)) = done else { continue };
+                    running.remove(&call);
+                    if let Err(e) = self.apply(call, result) {
+                        first_error.get_or_insert(e);
+                    }
+                }
+                _ = tokio::time::sleep_until(next_pass) => {}
+            }
+        }
+        calls.abort_all();
+        self
+    }
+
+    /// Starts the calls due now that are not still running: the announcement, a sync of every
+    /// local service, a deregistration of every service removed.
+    fn start_pass(&self, calls: &mut JoinSet<Outcome>, running: &mut BTreeSet<Call>) {
+        let deadline = self.config.call_deadline();
+        if running.insert(Call::Announce) {
+            let (client, node, announcement) = (self.client.clone(), self.config.node.clone(), self.config.announcement.clone());
+            calls.spawn(async move {
+                let result = within(deadline, "the announcement", client.announce(&node, &announcement)).await;
+                (Call::Announce, result.map(|_| None))
+            });
+        }
+        let services = self.local.services();
+        for id in self.told.keys().filter(|id| !services.iter().any(|s| &s.spec.id == *id)) {
+            let call = Call::Deregister(id.clone());
+            if running.insert(call.clone()) {
+                let (client, node, id) = (self.client.clone(), self.config.node.clone(), id.clone());
+                calls.spawn(async move {
+                    let what = format!("the deregistration of {id}");
+                    let result = match within(deadline, &what, client.deregister(&id, Some(&node))).await {
+                        Err(e) if e.is_not_found() => Ok(()),
+                        other => other,
+                    };
+                    (call, result.map(|()| None))
+                });
+            }
+        }
+        for service in services {
+            let call = Call::Sync(service.spec.id.clone());
+            if running.insert(call.clone()) {
+                let (client, config, previous) = (self.client.clone(), self.config.clone(), self.told.get(&service.spec.id).cloned());
+                calls.spawn(async move {
+                    let what = format!("the sync of {}", service.spec.id);
+                    (call, within(deadline, &what, sync_one(&client, &config, &service, previous)).await)
+                });
             }
         }
     }
 
-    /// One pass: announce, register or heartbeat what is due of every local service, and
-    /// deregister what was removed, all at once, each call under its own deadline.
-    async fn sync_all(&mut self) -> Result<(), ClientError> {
-        let deadline = self.config.call_deadline();
-        let announced = within(deadline, "the announcement", self.client.announce(&self.config.node, &self.config.announcement));
-        let services = self.local.services();
-        let calls = services.iter().map(|service| {
-            let previous = self.told.get(&service.spec.id).cloned();
-            let (client, config) = (&self.client, &self.config);
-            async move {
-                let what = format!("the sync of {}", service.spec.id);
-                (service.spec.id.clone(), within(deadline, &what, sync_one(client, config, service, previous)).await)
-            }
-        });
-        let gone: Vec<String> = self.told.keys().filter(|id| !services.iter().any(|s| &s.spec.id == *id)).cloned().collect();
-        let (client, node) = (&self.client, self.config.node.as_str());
-        let removals = gone.iter().map(|id| async move {
-            let what = format!("the deregistration of {id}");
-            match within(deadline, &what, client.deregister(id, Some(node))).await {
-                Ok(()) => Ok(id),
-                Err(e) if e.is_not_found() => Ok(id),
-                Err(e) => Err(e),
-            }
-        });
-        let (announced, synced, removed) =
-            tokio::join!(announced, futures_util::future::join_all(calls), futures_util::future::join_all(removals));
-
-        let mut first_error = None;
-        let mut note = |error: ClientError| {
-            self.metrics.registry_error();
-            first_error.get_or_insert(error);
-        };
-        if let Err(e) = announced {
-            note(e);
-        }
-        for (id, result) in synced {
-            match result {
-                Ok(Some(told)) => {
-                    if self.refused.remove(&id) {
-                        tracing::info!(instance = %id, "the registry took the instance it refused before");
-                    }
-                    self.told.insert(id, told);
+    /// Records what a call came back with; an error is counted and handed back.
+    fn apply(&mut self, call: Call, result: Result<Option<Told>, ClientError>) -> Result<(), ClientError> {
+        match (call, result) {
+            (Call::Sync(id), Ok(Some(told))) => {
+                if self.refused.remove(&id) {
+                    tracing::info!(instance = %id, "the registry took the instance it refused before");
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    if e.status() == Some(warp::http::StatusCode::CONFLICT) {
+                // A service removed while its call ran is deregistered by the next pass.
+                self.told.insert(id, told);
+            }
+            (Call::Deregister(id), Ok(_)) => {
+                self.told.remove(&id);
+            }
+            (_, Ok(_)) => {}
+            (call, Err(e)) => {
+                self.metrics.registry_error();
+                match &call {
+                    Call::Sync(id) if e.status() == Some(warp::http::StatusCode::CONFLICT) => {
                         if self.refused.insert(id.clone()) {
                             tracing::error!(instance = %id, error = %e, "the registry refuses this local service: another node owns its id; give it another id");
                         }
-                    } else {
-                        tracing::debug!(instance = %id, error = %e, "syncing a local service failed");
                     }
-                    note(e);
+                    _ => tracing::debug!(call = ?call, error = %e, "a registry call failed"),
                 }
+                return Err(e);
             }
         }
-        for result in removed {
-            match result {
-                Ok(id) => {
-                    self.told.remove(id);
-                }
-                Err(e) => note(e),
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        Ok(())
     }
 
     /// Deregisters every local service at once (the agent is leaving), within `deadline`.
