@@ -75,6 +75,9 @@ pub struct AgentConfig {
     pub dead_node_grace: Duration,
     /// Lease of each registration; heartbeats go out at a third of it.
     pub lease_ttl_s: u32,
+    /// Most local services this agent runs (configured plus added at run time); one more
+    /// is refused (403 `quota_exceeded`).
+    pub max_local_services: usize,
     /// How long one blocking catalog query waits at the registry.
     #[serde(with = "signpost_shared::duration")]
     pub catalog_wait: Duration,
@@ -247,6 +250,7 @@ impl Default for AgentConfig {
             phi_threshold: 8.0,
             dead_node_grace: Duration::from_secs(15 * 60),
             lease_ttl_s: DEFAULT_TTL_S,
+            max_local_services: 100,
             catalog_wait: Duration::from_secs(30),
             log_format: LogFormat::Human,
             log_level: "info,chitchat=warn".into(),
@@ -430,6 +434,14 @@ impl AgentConfig {
             errors.add("phi_threshold", "must be between 1 and 100");
         }
         errors.check("lease_ttl_s", validate::in_range(i64::from(self.lease_ttl_s), 3, 86_400));
+        if self.max_local_services == 0 {
+            errors.add("max_local_services", "must be at least 1");
+        } else if self.services.len() > self.max_local_services {
+            errors.add(
+                "services",
+                format!("{} services configured, more than max_local_services ({})", self.services.len(), self.max_local_services),
+            );
+        }
         if self.catalog_wait < Duration::from_secs(1) || self.catalog_wait > Duration::from_secs(600) {
             errors.add("catalog_wait", "must be between 1s and 10m");
         }
@@ -589,6 +601,10 @@ pub struct Flags {
     #[arg(long, value_name = "SECONDS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lease_ttl_s: Option<u32>,
+    /// Most local services this agent runs; one more is refused [default: 100].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_local_services: Option<usize>,
     /// Wait of one blocking catalog query [default: 30s].
     #[arg(long, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -134,7 +134,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let advertise = advertise_addr(&config);
     let address = config.address.clone().unwrap_or_else(|| advertise.ip().to_string());
 
-    let local = Arc::new(LocalState::default());
+    let local = Arc::new(LocalState::new(config.max_local_services));
     for service in &config.services {
         let spec = service.registration(&node, &address, config.zone.as_deref()).validate().map_err(|e| Error::Service(e.to_string()))?;
         local.upsert(spec, &service.checks).map_err(|e| Error::Service(e.to_string()))?;

@@ -159,12 +159,17 @@ pub enum LocalError {
     /// A check id is already used.
     #[error("check id `{0}` is already used")]
     DuplicateCheck(String),
+    /// As many services as allowed run already.
+    #[error("this agent already runs {0} local services, the most it may (max_local_services)")]
+    TooMany(usize),
 }
 
 /// The services this agent runs.
 #[derive(Debug)]
 pub struct LocalState {
     services: RwLock<BTreeMap<String, LocalService>>,
+    /// Most services at once.
+    max_services: usize,
     version: watch::Sender<u64>,
     /// The latest version this agent's own answers show (set by the gossip task).
     answered: watch::Sender<u64>,
@@ -172,11 +177,16 @@ pub struct LocalState {
 
 impl Default for LocalState {
     fn default() -> Self {
-        LocalState { services: RwLock::new(BTreeMap::new()), version: watch::channel(0).0, answered: watch::channel(0).0 }
+        LocalState::new(usize::MAX)
     }
 }
 
 impl LocalState {
+    /// No services yet; at most `max_services` at once.
+    pub fn new(max_services: usize) -> Self {
+        LocalState { services: RwLock::new(BTreeMap::new()), max_services, version: watch::channel(0).0, answered: watch::channel(0).0 }
+    }
+
     /// Waits on this for any change.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
@@ -243,6 +253,9 @@ impl LocalState {
                 if taken {
                     return Err(LocalError::DuplicateCheck(state.id.clone()));
                 }
+            }
+            if !services.contains_key(&spec.id) && services.len() >= self.max_services {
+                return Err(LocalError::TooMany(self.max_services));
             }
             let maintenance = services.get(&spec.id).and_then(|s| s.maintenance.clone());
             services.insert(spec.id.clone(), LocalService { spec, checks: states, maintenance });

@@ -15,3 +15,24 @@ INSERT INTO sweeper_state (id, swept_at) VALUES (1, NULL);
 -- part of the catalog's ETag: an agent never takes one database's catalog for another's.
 ALTER TABLE catalog_state ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0;
 UPDATE catalog_state SET epoch = floor(random() * 9007199254740991)::BIGINT;
+
+-- Counting a node's instances (its quota) reads only that node's.
+CREATE INDEX instances_node ON instances (node);
+
+-- The number of instances, kept by a trigger in the one row every write locks first, so that
+-- the registry's instance limit is checked exactly and without counting the table.
+ALTER TABLE catalog_state ADD COLUMN instance_count BIGINT NOT NULL DEFAULT 0;
+UPDATE catalog_state SET instance_count = (SELECT COUNT(*) FROM instances);
+CREATE FUNCTION signpost_count_instances() RETURNS trigger AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        UPDATE catalog_state SET instance_count = instance_count + 1 WHERE id = 1;
+    ELSE
+        UPDATE catalog_state SET instance_count = instance_count - 1 WHERE id = 1;
+    END IF;
+    RETURN NULL;
+END;
+$$ LANGUAGE plpgsql;
+CREATE TRIGGER instances_counted
+    AFTER INSERT OR DELETE ON instances
+    FOR EACH ROW EXECUTE FUNCTION signpost_count_instances();

@@ -15,3 +15,19 @@ INSERT INTO sweeper_state (id, swept_at) VALUES (1, NULL);
 -- part of the catalog's ETag: an agent never takes one database's catalog for another's.
 ALTER TABLE catalog_state ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0;
 UPDATE catalog_state SET epoch = abs(random() % 9007199254740991);
+
+-- Counting a node's instances (its quota) reads only that node's.
+CREATE INDEX instances_node ON instances (node);
+
+-- The number of instances, kept by triggers in the one row every write locks first, so that
+-- the registry's instance limit is checked exactly and without counting the table.
+ALTER TABLE catalog_state ADD COLUMN instance_count BIGINT NOT NULL DEFAULT 0;
+UPDATE catalog_state SET instance_count = (SELECT COUNT(*) FROM instances);
+CREATE TRIGGER instances_counted_insert AFTER INSERT ON instances
+BEGIN
+    UPDATE catalog_state SET instance_count = instance_count + 1 WHERE id = 1;
+END;
+CREATE TRIGGER instances_counted_delete AFTER DELETE ON instances
+BEGIN
+    UPDATE catalog_state SET instance_count = instance_count - 1 WHERE id = 1;
+END;

@@ -77,6 +77,11 @@ pub struct RegistryConfig {
     pub read_cache_max_age: Duration,
     /// Largest request body, in bytes.
     pub max_body_bytes: u64,
+    /// Most instances the registry holds; a registration of a new id beyond it is refused
+    /// (403 `quota_exceeded`). Checked inside the write, exactly.
+    pub max_instances: u64,
+    /// Most instances one node (agent) may own; checked inside the write, exactly.
+    pub max_instances_per_node: u64,
     /// Longest `wait` a blocking query may ask for; the default wait is 5m (or this, if less).
     #[serde(with = "signpost_shared::duration")]
     pub max_wait: Duration,
@@ -140,6 +145,8 @@ impl Default for RegistryConfig {
             index_poll_interval: Duration::from_secs(1),
             read_cache_max_age: Duration::from_secs(1),
             max_body_bytes: 64 * 1024,
+            max_instances: 250_000,
+            max_instances_per_node: 1_000,
             max_wait: Duration::from_secs(600),
             db_max_connections: 16,
             db_acquire_timeout: Duration::from_secs(3),
@@ -201,8 +208,10 @@ impl RegistryConfig {
         if let Some((name, _)) = positive.iter().find(|(_, d)| d.is_zero()) {
             return Err(ConfigError::Rule(format!("{name} must be more than 0")));
         }
-        if self.probe_concurrency == 0 || self.max_body_bytes == 0 {
-            return Err(ConfigError::Rule("probe_concurrency and max_body_bytes must be more than 0".into()));
+        if self.probe_concurrency == 0 || self.max_body_bytes == 0 || self.max_instances == 0 || self.max_instances_per_node == 0 {
+            return Err(ConfigError::Rule(
+                "probe_concurrency, max_body_bytes, max_instances and max_instances_per_node must be more than 0".into(),
+            ));
         }
         if self.db_max_connections < 2 {
             return Err(ConfigError::Rule("db_max_connections must be at least 2 (the change listener keeps one)".into()));
@@ -337,6 +346,14 @@ pub struct Flags {
     #[arg(long, value_name = "BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_body_bytes: Option<u64>,
+    /// Most instances the registry holds; new ones beyond it are refused [default: 250000].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_instances: Option<u64>,
+    /// Most instances one node may own; new ones beyond it are refused [default: 1000].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_instances_per_node: Option<u64>,
     /// Longest wait of a blocking query [default: 10m].
     #[arg(long, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]

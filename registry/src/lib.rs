@@ -78,7 +78,12 @@ pub fn open_store(config: &RegistryConfig) -> Result<Store, Error> {
         config::ensure_data_dir(&config.data_dir)
             .map_err(|source| Error::DataDir { path: config.data_dir.display().to_string(), source })?;
     }
-    let options = StoreOptions { max_connections: config.db_max_connections, acquire_timeout: config.db_acquire_timeout };
+    let options = StoreOptions {
+        max_connections: config.db_max_connections,
+        acquire_timeout: config.db_acquire_timeout,
+        max_instances_per_node: config.max_instances_per_node,
+        max_instances: config.max_instances,
+    };
     Ok(Store::connect(&config.database_url(), &options)?)
 }
 

@@ -6,14 +6,14 @@ mod common;
 
 use std::time::Duration;
 
-use signpost_registry::store::{Deregistered, Registered, Store, StoreOptions, SweepPolicy};
+use signpost_registry::store::{Deregistered, Registered, Store, StoreError, StoreOptions, SweepPolicy};
 use signpost_shared::model::{Health, InstanceSpec, Registration};
 use signpost_shared::wire::{AgentAnnouncement, Heartbeat, Maintenance};
 
 const T0: i64 = 1_800_000_000_000;
 
 fn options() -> StoreOptions {
-    StoreOptions { max_connections: 4, acquire_timeout: Duration::from_secs(5) }
+    StoreOptions { max_connections: 4, acquire_timeout: Duration::from_secs(5), max_instances_per_node: 3, max_instances: 30 }
 }
 
 fn spec(id: &str, service: &str, ttl_s: i64) -> InstanceSpec {
@@ -68,6 +68,34 @@ async fn a_gap_in_sweeping_gives_every_lease_a_full_term(store: &Store) {
     assert!(sweep_each_second(store, &gap_policy(), 21_000, 21_000).await.is_empty());
     let report = store.sweep(&gap_policy(), T0 + 22_500, true).await.expect("sweep");
     assert_eq!(report.expired, ["short"]);
+}
+
+async fn quotas_hold_per_node_and_in_all(store: &Store) {
+    let owned = |id: &str, node: &str| {
+        let mut spec = spec(id, "web", 30);
+        spec.node = Some(node.into());
+        spec
+    };
+    for i in 0..3 {
+        store.register(&owned(&format!("a-{i}"), "node-a"), T0, None, false).await.expect("within node-a's quota");
+    }
+    let index = store.load_catalog(T0).await.expect("catalog").index;
+    let refused = store.register(&owned("a-3", "node-a"), T0, None, false).await;
+    assert!(matches!(refused, Err(StoreError::NodeQuota { ref node, limit: 3 }) if node == "node-a"), "{refused:?}");
+    assert_eq!(store.load_catalog(T0).await.expect("catalog").index, index, "a refused registration changes nothing");
+    let mut moved = owned("a-0", "node-a");
+    moved.port = 9999;
+    store.register(&moved, T0, None, false).await.expect("an update is no new instance");
+    store.register(&owned("b-0", "node-b"), T0, None, false).await.expect("another node has its own quota");
+    // In all: 30.
+    for i in 0..26 {
+        store.register(&spec(&format!("free-{i}"), "web", 30), T0, None, false).await.expect("within the quota");
+    }
+    let refused = store.register(&spec("free-26", "web", 30), T0, None, false).await;
+    assert!(matches!(refused, Err(StoreError::Quota { limit: 30 })), "{refused:?}");
+    assert_eq!(store.deregister("free-0", None, T0, None).await.expect("deregister"), Deregistered::Removed);
+    store.register(&spec("free-26", "web", 30), T0, None, false).await.expect("room again");
+    assert_eq!(store.load_catalog(T0).await.expect("catalog").instances.len(), 30);
 }
 
 async fn critical_instances_restart_their_grace_after_a_gap(store: &Store) {
@@ -368,4 +396,5 @@ store_suite!(
     concurrent_writes_get_distinct_indexes,
     a_gap_in_sweeping_gives_every_lease_a_full_term,
     critical_instances_restart_their_grace_after_a_gap,
+    quotas_hold_per_node_and_in_all,
 );

@@ -21,6 +21,7 @@ fn local_error(error: LocalError) -> ApiError {
     match error {
         LocalError::NoService(_) | LocalError::NoCheck(_) => ApiError::NotFound(error.to_string()),
         LocalError::NotTtl(_) | LocalError::DuplicateCheck(_) => ApiError::Conflict(error.to_string()),
+        LocalError::TooMany(_) => ApiError::QuotaExceeded(error.to_string()),
     }
 }
 

@@ -10,6 +10,7 @@ impl From<StoreError> for ApiError {
         match error {
             StoreError::NotOwner { .. } => return ApiError::Forbidden(error.to_string()),
             StoreError::OwnedByLiveNode { .. } => return ApiError::Conflict(error.to_string()),
+            StoreError::NodeQuota { .. } | StoreError::Quota { .. } => return ApiError::QuotaExceeded(error.to_string()),
             _ => {}
         }
         if error.is_unavailable() { ApiError::Unavailable(error.to_string()) } else { ApiError::Internal(error.to_string()) }

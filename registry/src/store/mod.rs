@@ -93,6 +93,20 @@ pub enum StoreError {
         /// The node the token is bound to.
         owner: String,
     },
+    /// A node already owns as many instances as it may.
+    #[error("node `{node}` already has {limit} instances, the most one node may register (max_instances_per_node)")]
+    NodeQuota {
+        /// The node.
+        node: String,
+        /// The limit.
+        limit: u64,
+    },
+    /// The registry holds as many instances as it may.
+    #[error("the registry already holds {limit} instances, the most it may (max_instances); deregister some or raise the limit")]
+    Quota {
+        /// The limit.
+        limit: u64,
+    },
     /// A row kept changing under a write: retry later (503).
     #[error("{0}")]
     Contended(String),
@@ -143,6 +157,10 @@ pub struct StoreOptions {
     pub max_connections: u32,
     /// Longest wait for a connection.
     pub acquire_timeout: Duration,
+    /// Most instances one node may own (a registration beyond it is refused).
+    pub max_instances_per_node: u64,
+    /// Most instances in all.
+    pub max_instances: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -254,6 +272,8 @@ pub struct Store {
     reachable: watch::Sender<bool>,
     /// The database's clock as last read, and when (this process's monotonic clock).
     clock: Arc<std::sync::Mutex<Option<(i64, std::time::Instant)>>>,
+    /// Most instances one node may own, and in all.
+    limits: (u64, u64),
 }
 
 // === impl Store ===
@@ -286,7 +306,7 @@ impl Store {
         };
         let (changes, _) = watch::channel(0);
         let (reachable, _) = watch::channel(true);
-        Ok(Store { backend, changes, reachable, clock: Arc::default() })
+        Ok(Store { backend, changes, reachable, clock: Arc::default(), limits: (options.max_instances_per_node, options.max_instances) })
     }
 
     /// True on PostgreSQL (several replicas possible), false on SQLite.
@@ -450,9 +470,25 @@ impl Store {
         let meta = serde_json::to_string(&spec.meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let check = spec.check.as_ref().map(serde_json::to_string).transpose().map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let lease = now_ms + i64::from(spec.ttl_s) * 1000;
+        // A node taking on an instance (a new one, or one moving to it) must have room for it:
+        // counted under the index lock, so that concurrent registrations cannot overshoot.
+        let joins_node = spec.node.as_deref().filter(|node| existing.as_ref().is_none_or(|row| row.node.as_deref() != Some(*node)));
         let (row, index) = with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             let index: i64 = sqlx::query_scalar(BUMP_INDEX).fetch_one(&mut *tx).await?;
+            let (per_node, in_all) = self.limits;
+            if let Some(node) = joins_node {
+                let owned: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM instances WHERE node = $1").bind(node).fetch_one(&mut *tx).await?;
+                if to_u64(owned) >= per_node {
+                    return Err(StoreError::NodeQuota { node: node.to_string(), limit: per_node });
+                }
+            }
+            if existing.is_none() {
+                let held: i64 = sqlx::query_scalar("SELECT instance_count FROM catalog_state WHERE id = 1").fetch_one(&mut *tx).await?;
+                if to_u64(held) >= in_all {
+                    return Err(StoreError::Quota { limit: in_all });
+                }
+            }
             let row: Option<InstanceRow> = sqlx::query_as(concat!(
                 "INSERT INTO instances (id, service, address, port, tags, meta, weight, zone, health, node, check_spec, \
                  ttl_s, lease_expired, maintenance, change_index, registered_at, updated_at, lease_expires_at) \

@@ -38,6 +38,10 @@ pub enum ApiError {
     /// The state of the thing forbids this.
     #[error("{0}")]
     Conflict(String),
+    /// A configured limit (a quota) forbids this; retrying will not help until something is
+    /// removed or the limit raised.
+    #[error("{0}")]
+    QuotaExceeded(String),
     /// The body is larger than allowed.
     #[error("the body is larger than the limit of {0} bytes")]
     PayloadTooLarge(u64),
@@ -82,7 +86,7 @@ impl ApiError {
             ApiError::BadRequest { .. } | ApiError::MalformedJson(_) => StatusCode::BAD_REQUEST,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Forbidden(_) | ApiError::QuotaExceeded(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -103,6 +107,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
+            ApiError::QuotaExceeded(_) => "quota_exceeded",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::MethodNotAllowed => "method_not_allowed",
