@@ -79,7 +79,7 @@ pub fn open_store(config: &RegistryConfig) -> Result<Store, Error> {
             .map_err(|source| Error::DataDir { path: config.data_dir.display().to_string(), source })?;
     }
     let options = StoreOptions { max_connections: config.db_max_connections, acquire_timeout: config.db_acquire_timeout };
-    Ok(Store::connect(&config.database_url(), &options)?)
+    Ok(Store::connect_with(&config.database_url(), &options, &config.session_limits())?)
 }
 
 /// Applies the migrations, retrying while the database is unreachable. Returns false when
@@ -121,6 +121,8 @@ pub async fn run(config: RegistryConfig, shutdown: impl Future<Output = ()>) -> 
         max_wait: config.max_wait,
         shutdown: token.clone(),
         started: AtomicBool::new(false),
+        blocking: tokio::sync::Semaphore::new(config.blocking_query_cap()),
+        readiness: api::ops::Readiness::default(),
     });
 
     // Serve at once: while the database is not there yet, /healthz answers (the process is
