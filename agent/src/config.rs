@@ -92,7 +92,8 @@ pub struct AgentConfig {
     /// PEM bundle of CA certificates trusted for `https://` registries, besides the
     /// platform's roots (a private CA).
     pub registry_ca_file: Option<PathBuf>,
-    /// Most HTTP connections open at once; at the cap new ones wait to be accepted.
+    /// Most HTTP connections open at once; past the cap a few more are accepted, answering
+    /// `/healthz` and 503 to anything else.
     pub max_connections: usize,
     /// Largest request line plus headers, in bytes (more: 431).
     pub max_header_bytes: usize,
@@ -627,7 +628,8 @@ pub struct Flags {
     #[arg(long, value_name = "FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub registry_ca_file: Option<PathBuf>,
-    /// Most HTTP connections open at once; at the cap new ones wait [default: 256].
+    /// Most HTTP connections open at once; past it /healthz is still answered and anything
+    /// else gets 503 [default: 256].
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,

@@ -68,6 +68,7 @@ pub async fn poll(store: Store, interval: Duration, shutdown: CancellationToken)
     // A lower index in the database than the one known, twice in a row, means the database
     // was restored or emptied (once may be a read racing a local commit).
     let mut lower_before = false;
+    let mut last_repair_warning = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -88,7 +89,47 @@ pub async fn poll(store: Store, interval: Duration, shutdown: CancellationToken)
                 lower_before = !lower_before;
             }
             Ok(_) => lower_before = false,
+            Err(e) if e.needs_migration() => repair(&store, &e, &mut last_repair_warning).await,
             Err(e) => tracing::debug!(error = %e, "cannot read the change index"),
         }
+    }
+}
+
+/// How often a repair that keeps failing is logged at `warn` (every try is at `debug`).
+const REPAIR_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// The schema or the `catalog_state` row went missing under the running registry (the
+/// database was dropped and created again, or emptied by hand): requests answer 503 meanwhile;
+/// migrate again (which recreates the row) and serve once that is done. Another try follows at
+/// the next poll if this one fails: a table dropped by hand while the migrations stay recorded
+/// as applied cannot be migrated back, and says so once a minute until an operator restores it.
+async fn repair(store: &Store, cause: &crate::store::StoreError, last_warning: &mut Option<std::time::Instant>) {
+    let warn = last_warning.is_none_or(|at| at.elapsed() >= REPAIR_WARNING_EVERY);
+    if warn {
+        tracing::warn!(error = %cause, "the database lost its schema or its catalog_state row; running the migrations again");
+    } else {
+        tracing::debug!(error = %cause, "the schema is still missing; running the migrations again");
+    }
+    match store.migrate().await {
+        Ok(()) => {
+            // The database starts over (an emptied one from index 1): its index is the truth
+            // at once, so waiters at a higher one are answered instead of waiting for it.
+            if let Ok(index) = store.refresh_index().await {
+                store.reset_index(index);
+            }
+            tracing::info!(index = store.known_index(), "migrations applied again; serving");
+            *last_warning = None;
+        }
+        Err(e) if warn => {
+            *last_warning = Some(std::time::Instant::now());
+            let hint = if e.needs_migration() {
+                "a table is missing although the migrations are recorded as applied: restore it from a backup, or drop and \
+                 create the database again (agents register their instances again)"
+            } else {
+                "retrying at the next poll"
+            };
+            tracing::warn!(error = %e, hint, "cannot run the migrations again");
+        }
+        Err(e) => tracing::debug!(error = %e, "cannot run the migrations again yet"),
     }
 }

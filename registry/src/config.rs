@@ -11,6 +11,8 @@ use signpost_shared::config::{self, ConfigError, LogFormat, Secret};
 use signpost_shared::http::Limits as HttpLimits;
 use signpost_shared::http::tls;
 
+use crate::store::SessionLimits;
+
 /// Every setting of the registry. Durations are written `500ms`, `2s`, `1m`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,6 +92,22 @@ pub struct RegistryConfig {
     /// Longest wait for a database connection before a request answers 503.
     #[serde(with = "signpost_shared::duration")]
     pub db_acquire_timeout: Duration,
+    /// PostgreSQL `lock_timeout` of every session: longest wait of a write for the change
+    /// index row (held by another write to its commit) before it answers 503 (0s: none).
+    #[serde(with = "signpost_shared::duration")]
+    pub db_lock_timeout: Duration,
+    /// PostgreSQL `idle_in_transaction_session_timeout` of every session: a replica that
+    /// stops inside a transaction (frozen, cut off) has its session ended and its locks
+    /// released after this long (0s: never). Must be more than `db_lock_timeout`.
+    #[serde(with = "signpost_shared::duration")]
+    pub db_idle_in_transaction_timeout: Duration,
+    /// PostgreSQL `statement_timeout` of every session but the migrations' (0s: none).
+    #[serde(with = "signpost_shared::duration")]
+    pub db_statement_timeout: Duration,
+    /// Most blocking queries (`index` and `wait`) waiting at once; past it one answers 503
+    /// with `Retry-After`. None: half of `max_connections`. Below `max_connections`, so that
+    /// waiters never hold every connection.
+    pub max_blocking_queries: Option<usize>,
     /// Longest time to finish requests in flight and release the leader lock on shutdown.
     #[serde(with = "signpost_shared::duration")]
     pub shutdown_grace: Duration,
@@ -103,7 +121,8 @@ pub struct RegistryConfig {
     /// the registry, or the network is trusted). Without TLS and without this, the registry
     /// only listens on loopback.
     pub allow_plain_http: bool,
-    /// Most HTTP connections open at once; at the cap new ones wait to be accepted.
+    /// Most HTTP connections open at once; past the cap a few more are accepted, answering
+    /// `/healthz` and 503 to anything else.
     pub max_connections: usize,
     /// Largest request line plus headers, in bytes (more: 431).
     pub max_header_bytes: usize,
@@ -150,6 +169,10 @@ impl Default for RegistryConfig {
             max_wait: Duration::from_secs(600),
             db_max_connections: 16,
             db_acquire_timeout: Duration::from_secs(3),
+            db_lock_timeout: SessionLimits::default().lock_timeout,
+            db_idle_in_transaction_timeout: SessionLimits::default().idle_in_transaction_timeout,
+            db_statement_timeout: SessionLimits::default().statement_timeout,
+            max_blocking_queries: None,
             shutdown_grace: Duration::from_secs(10),
             tls_cert_file: None,
             tls_key_file: None,
@@ -216,7 +239,39 @@ impl RegistryConfig {
         if self.db_max_connections < 2 {
             return Err(ConfigError::Rule("db_max_connections must be at least 2 (the change listener keeps one)".into()));
         }
+        if !self.db_idle_in_transaction_timeout.is_zero()
+            && (self.db_lock_timeout.is_zero() || self.db_lock_timeout >= self.db_idle_in_transaction_timeout)
+        {
+            return Err(ConfigError::Rule(
+                "db_lock_timeout must be more than 0s and less than db_idle_in_transaction_timeout: the waiting writes of a \
+                 frozen replica must give up before its lock holder's session is ended, or they take the lock in turn"
+                    .into(),
+            ));
+        }
+        if let Some(n) = self.max_blocking_queries
+            && (n == 0 || n >= self.max_connections)
+        {
+            return Err(ConfigError::Rule(format!(
+                "max_blocking_queries must be at least 1 and less than max_connections ({})",
+                self.max_connections
+            )));
+        }
         Ok(self)
+    }
+
+    /// The database session limits.
+    pub fn session_limits(&self) -> SessionLimits {
+        SessionLimits {
+            lock_timeout: self.db_lock_timeout,
+            idle_in_transaction_timeout: self.db_idle_in_transaction_timeout,
+            statement_timeout: self.db_statement_timeout,
+        }
+    }
+
+    /// Most blocking queries waiting at once: `max_blocking_queries`, or half of
+    /// `max_connections` (at least 1).
+    pub fn blocking_query_cap(&self) -> usize {
+        self.max_blocking_queries.unwrap_or(self.max_connections / 2).max(1)
     }
 }
 
@@ -366,6 +421,26 @@ pub struct Flags {
     #[arg(long, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub db_acquire_timeout: Option<String>,
+    /// PostgreSQL lock_timeout: longest wait of a write for the change index row before it
+    /// answers 503 [default: 2s; 0s = none].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub db_lock_timeout: Option<String>,
+    /// PostgreSQL idle_in_transaction_session_timeout: a replica stopped inside a transaction
+    /// (frozen, cut off) loses its session and locks after this long; more than
+    /// --db-lock-timeout [default: 5s; 0s = never].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub db_idle_in_transaction_timeout: Option<String>,
+    /// PostgreSQL statement_timeout of every statement but the migrations' [default: 30s; 0s = none].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub db_statement_timeout: Option<String>,
+    /// Most blocking queries (index and wait) waiting at once; past it they answer 503 with
+    /// Retry-After. Less than --max-connections [default: half of --max-connections].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_blocking_queries: Option<usize>,
     /// Longest time to drain on shutdown [default: 10s].
     #[arg(long, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -385,7 +460,8 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub allow_plain_http: bool,
-    /// Most HTTP connections open at once; at the cap new ones wait [default: 1024].
+    /// Most HTTP connections open at once; past it /healthz is still answered and anything
+    /// else gets 503 [default: 1024].
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
@@ -485,5 +561,33 @@ mod http_tests {
         assert!(half.finish_http().expect_err("no key").to_string().contains("both"));
         let bad = RegistryConfig { tls_cert_file: Some(cert.clone()), tls_key_file: Some(cert), ..RegistryConfig::default() };
         assert!(bad.finish_http().expect_err("garbage").to_string().contains("no PEM certificate"));
+    }
+}
+
+#[cfg(test)]
+mod db_tests {
+    use super::*;
+
+    #[test]
+    fn a_frozen_replicas_waiters_give_up_before_its_lock_holder_is_ended() {
+        assert!(RegistryConfig::default().finish().is_ok());
+        let equal = RegistryConfig { db_lock_timeout: Duration::from_secs(5), ..RegistryConfig::default() };
+        assert!(equal.finish().expect_err("lock_timeout = idle timeout").to_string().contains("db_lock_timeout"));
+        let none = RegistryConfig { db_lock_timeout: Duration::ZERO, ..RegistryConfig::default() };
+        assert!(none.finish().is_err(), "waiting for ever while sessions are ended");
+        let off =
+            RegistryConfig { db_lock_timeout: Duration::ZERO, db_idle_in_transaction_timeout: Duration::ZERO, ..RegistryConfig::default() };
+        assert!(off.finish().is_ok(), "both off is the operator's choice");
+    }
+
+    #[test]
+    fn blocking_queries_stay_below_the_connection_cap() {
+        assert_eq!(RegistryConfig::default().blocking_query_cap(), 512);
+        let small = RegistryConfig { max_connections: 8, ..RegistryConfig::default() };
+        assert_eq!(small.blocking_query_cap(), 4);
+        let at_cap = RegistryConfig { max_connections: 8, max_blocking_queries: Some(8), ..RegistryConfig::default() };
+        assert!(at_cap.finish().expect_err("at the cap").to_string().contains("max_blocking_queries"));
+        let fine = RegistryConfig { max_connections: 8, max_blocking_queries: Some(7), ..RegistryConfig::default() };
+        assert_eq!(fine.finish().expect("below the cap").blocking_query_cap(), 7);
     }
 }

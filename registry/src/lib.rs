@@ -84,7 +84,7 @@ pub fn open_store(config: &RegistryConfig) -> Result<Store, Error> {
         max_instances_per_node: config.max_instances_per_node,
         max_instances: config.max_instances,
     };
-    Ok(Store::connect(&config.database_url(), &options)?)
+    Ok(Store::connect_with(&config.database_url(), &options, &config.session_limits())?)
 }
 
 /// Applies the migrations, retrying while the database is unreachable. Returns false when
@@ -126,6 +126,8 @@ pub async fn run(config: RegistryConfig, shutdown: impl Future<Output = ()>) -> 
         max_wait: config.max_wait,
         shutdown: token.clone(),
         started: AtomicBool::new(false),
+        blocking: tokio::sync::Semaphore::new(config.blocking_query_cap()),
+        readiness: api::ops::Readiness::default(),
     });
 
     // Serve at once: while the database is not there yet, /healthz answers (the process is

@@ -58,6 +58,19 @@ pub struct Metrics {
     pool_size: Gauge,
     pool_idle: Gauge,
     catalog_index: Gauge,
+    readiness_checks: Counter,
+    blocking_waiting: Gauge,
+    blocking_refused: Counter,
+}
+
+/// Counts a blocking query as waiting until dropped.
+#[derive(Debug)]
+pub struct WaitingGuard(Gauge);
+
+impl Drop for WaitingGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -105,6 +118,20 @@ impl Metrics {
         registry.register("db_pool_idle_connections", "Idle database connections", pool_idle.clone());
         let catalog_index = Gauge::default();
         registry.register("catalog_index", "The catalog's change index as this replica knows it", catalog_index.clone());
+        let readiness_checks = Counter::default();
+        registry.register(
+            "readiness_checks",
+            "Database checks run for /readyz (its answer is cached for a second, so probes share one)",
+            readiness_checks.clone(),
+        );
+        let blocking_waiting = Gauge::default();
+        registry.register("blocking_queries_waiting", "Blocking queries waiting for a change now", blocking_waiting.clone());
+        let blocking_refused = Counter::default();
+        registry.register(
+            "blocking_queries_refused",
+            "Blocking queries answered 503 because max_blocking_queries were already waiting",
+            blocking_refused.clone(),
+        );
         Metrics {
             http,
             registry,
@@ -120,7 +147,26 @@ impl Metrics {
             pool_size,
             pool_idle,
             catalog_index,
+            readiness_checks,
+            blocking_waiting,
+            blocking_refused,
         }
+    }
+
+    /// Counts one database check for `/readyz`.
+    pub fn readiness_check(&self) {
+        self.readiness_checks.inc();
+    }
+
+    /// Counts a blocking query as waiting until the guard is dropped.
+    pub fn blocking_query_waiting(&self) -> WaitingGuard {
+        self.blocking_waiting.inc();
+        WaitingGuard(self.blocking_waiting.clone())
+    }
+
+    /// Counts a blocking query refused at the cap.
+    pub fn blocking_query_refused(&self) {
+        self.blocking_refused.inc();
     }
 
     /// Counts one answered request.

@@ -120,6 +120,7 @@ async fn the_database_stops_and_comes_back() {
     .await;
     let refused = reqwest::Client::new().post(registry.at("/v1/instances")).json(&instance("web-2", 300)).send().await.expect("POST");
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.headers().contains_key("retry-after"), "a 503 says when to come back");
     let body: Value = refused.json().await.expect("json");
     assert_eq!(body["error"], "unavailable");
     assert_eq!(reqwest::get(registry.at("/healthz")).await.expect("GET").status(), StatusCode::OK, "the process itself is alive");
@@ -201,8 +202,9 @@ async fn a_registry_started_before_its_database_is_alive_at_once_and_serves_when
     }
     let refused = reqwest::Client::new().post(at("/v1/instances")).json(&instance("web-1", 300)).send().await.expect("POST");
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.headers().contains_key("retry-after"), "a 503 says when to come back");
     let body: Value = refused.json().await.expect("json");
-    assert_eq!(body["error"], "unavailable");
+    assert_eq!(body["error"], "starting");
 
     let control = postgres.control();
     tokio::task::spawn_blocking(move || control.start()).await.expect("start PostgreSQL");

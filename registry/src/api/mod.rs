@@ -49,7 +49,15 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Set once the database answered and is migrated; until then only /healthz serves.
     pub started: std::sync::atomic::AtomicBool,
+    /// One permit per blocking query allowed to wait at once (`max_blocking_queries`).
+    pub blocking: tokio::sync::Semaphore,
+    /// The cached outcome of the last readiness check.
+    pub readiness: ops::Readiness,
 }
+
+/// `Retry-After` of a blocking query refused because too many wait already: long enough that
+/// the refused callers do not come straight back as a herd.
+pub const BLOCKING_RETRY_AFTER_S: u32 = 5;
 
 /// The default wait of a blocking query (Consul's).
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(300);
@@ -147,7 +155,7 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
         if st.started.load(std::sync::atomic::Ordering::Acquire) {
             Err(warp::reject::not_found())
         } else {
-            Ok(respond(Err(ApiError::Unavailable("starting: waiting for the database and its migrations".into()))))
+            Ok(respond(Err(ApiError::Starting("waiting for the database and its migrations".into()))))
         }
     });
     let readyz = warp::path!("readyz").and(warp::get()).and(s()).then(ops::readyz);
@@ -246,6 +254,19 @@ pub async fn block(state: &AppState, index: Option<u64>, wait: Option<Duration>)
         return Ok(());
     }
     let wait = wait.unwrap_or(DEFAULT_WAIT).min(state.max_wait);
+    if wait.is_zero() {
+        return Ok(());
+    }
+    // Waiters are capped below the connection cap, so that they never hold every connection:
+    // past the cap the caller is told to come back later instead of holding a slot.
+    let Ok(_permit) = state.blocking.try_acquire() else {
+        state.metrics.blocking_query_refused();
+        return Err(ApiError::Busy {
+            message: "too many blocking queries are waiting on this registry; retry later, or ask another replica".into(),
+            retry_after_s: BLOCKING_RETRY_AFTER_S,
+        });
+    };
+    let _waiting = state.metrics.blocking_query_waiting();
     tracing::debug!(index, wait_ms = wait.as_millis() as u64, "blocking query waiting for a change");
     tokio::select! {
         _ = tokio::time::timeout(wait, changes.wait_for(|current| *current != index)) => Ok(()),

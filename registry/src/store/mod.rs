@@ -120,26 +120,58 @@ pub enum StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
-        if is_connection_error(&error) { StoreError::Unavailable(error) } else { StoreError::Database(error) }
+        if is_connection_error(&error) || is_schema_missing(&error) { StoreError::Unavailable(error) } else { StoreError::Database(error) }
     }
 }
 
+/// Errors after which a retry later may succeed: the database is unreachable, shutting down,
+/// overloaded, or gave up on a lock or a stuck session (`lock_timeout`, `statement_timeout`,
+/// `idle_in_transaction_session_timeout`: another replica holds the index row too long).
 fn is_connection_error(error: &sqlx::Error) -> bool {
     use sqlx::Error as E;
     match error {
         E::Io(_) | E::Tls(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed | E::Protocol(_) => true,
         E::Database(db) => {
             let code = db.code().unwrap_or_default();
-            // PostgreSQL: 08 connection, 53 resources, 57 operator intervention (shutdown);
+            // PostgreSQL: 08 connection, 53 resources, 57 operator intervention (shutdown,
+            // statement_timeout); 55P03 lock_timeout; 25P03 idle_in_transaction_session_timeout;
+            // 40001/40P01 serialization failure and deadlock; 3D000 no such database (dropped,
+            // not yet created again).
             // SQLite: primary code 5 busy or 6 locked (sqlx reports extended codes, e.g. 517).
             let sqlite_busy = code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
-            code.starts_with("08") || code.starts_with("53") || code.starts_with("57") || sqlite_busy
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57")
+                || matches!(code.as_ref(), "55P03" | "25P03" | "40001" | "40P01" | "3D000")
+                || sqlite_busy
         }
         _ => false,
     }
 }
 
+/// The schema is not (or no longer) there: a table is missing (the database was dropped and
+/// created again under the registry, or emptied by hand) or the one `catalog_state` row is
+/// (every `fetch_one` of the store reads that row, an aggregate or an `INSERT … RETURNING`, so
+/// "no rows" can only mean it). Requests answer 503 and the poller migrates again.
+fn is_schema_missing(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::RowNotFound => true,
+        sqlx::Error::Database(db) => db.code().as_deref() == Some("42P01") || db.message().starts_with("no such table"),
+        _ => false,
+    }
+}
+
 impl StoreError {
+    /// True when the schema or the `catalog_state` row is missing: running the migrations
+    /// again (which also recreates the row) repairs it.
+    pub fn needs_migration(&self) -> bool {
+        match self {
+            StoreError::Unavailable(e) | StoreError::Database(e) => is_schema_missing(e),
+            StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => is_schema_missing(e),
+            _ => false,
+        }
+    }
+
     /// True when the database is down or busy, so a retry later may succeed.
     pub fn is_unavailable(&self) -> bool {
         match self {
@@ -161,6 +193,51 @@ pub struct StoreOptions {
     pub max_instances_per_node: u64,
     /// Most instances in all.
     pub max_instances: u64,
+}
+
+/// Limits every PostgreSQL session of the pool (and of the leader lock and the change listener,
+/// which copy its settings) is opened with. Every write takes the `catalog_state` row lock and
+/// holds it to its commit: without these, one replica frozen (SIGSTOP, a stalled VM) or cut off
+/// from the database while holding it would block every replica's writes for good. Zero turns
+/// one off. Ignored on SQLite (one process; its lock waits are bounded by `busy_timeout`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// `lock_timeout`: longest wait for a lock (the index row) before the write fails (503).
+    /// Kept below `idle_in_transaction_timeout`, so that the waiting writes of a frozen replica
+    /// give up before its lock holder is ended, and none of them takes the lock next.
+    pub lock_timeout: Duration,
+    /// `idle_in_transaction_session_timeout`: PostgreSQL ends a session that sits inside a
+    /// transaction this long without sending anything, and so releases its locks.
+    pub idle_in_transaction_timeout: Duration,
+    /// `statement_timeout`: longest run of one statement (a backstop; migrations have none).
+    pub statement_timeout: Duration,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            lock_timeout: Duration::from_secs(2),
+            idle_in_transaction_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl SessionLimits {
+    /// The startup options that set them, plus server-side TCP keepalives (probe after 5 s idle,
+    /// every 2 s, give up after 2: a vanished replica's session ends within about 9 s even when
+    /// it holds no transaction). sqlx 0.9 cannot set SO_KEEPALIVE on its own side.
+    fn pg_options(&self) -> Vec<(&'static str, String)> {
+        let ms = |d: Duration| d.as_millis().to_string();
+        vec![
+            ("lock_timeout", ms(self.lock_timeout)),
+            ("idle_in_transaction_session_timeout", ms(self.idle_in_transaction_timeout)),
+            ("statement_timeout", ms(self.statement_timeout)),
+            ("tcp_keepalives_idle", "5".into()),
+            ("tcp_keepalives_interval", "2".into()),
+            ("tcp_keepalives_count", "2".into()),
+        ]
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -279,11 +356,17 @@ pub struct Store {
 // === impl Store ===
 
 impl Store {
-    /// Opens a pool for `url` (`postgres://…` or `sqlite:…`). It connects lazily: a database
-    /// that is down now makes calls answer [`StoreError::Unavailable`] until it is back.
+    /// Opens a pool for `url` (`postgres://…` or `sqlite:…`) with the default
+    /// [`SessionLimits`]. It connects lazily: a database that is down now makes calls answer
+    /// [`StoreError::Unavailable`] until it is back.
     pub fn connect(url: &str, options: &StoreOptions) -> Result<Store, StoreError> {
+        Self::connect_with(url, options, &SessionLimits::default())
+    }
+
+    /// As [`Store::connect`], every PostgreSQL session opened with `limits`.
+    pub fn connect_with(url: &str, options: &StoreOptions, limits: &SessionLimits) -> Result<Store, StoreError> {
         let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let connect = PgConnectOptions::from_str(url).map_err(|e| StoreError::Config(e.to_string()))?;
+            let connect = PgConnectOptions::from_str(url).map_err(|e| StoreError::Config(e.to_string()))?.options(limits.pg_options());
             let pool = PgPoolOptions::new()
                 .max_connections(options.max_connections)
                 .acquire_timeout(options.acquire_timeout)
@@ -327,13 +410,51 @@ impl Store {
         with_pool!(self, pool => (pool.size(), pool.num_idle()))
     }
 
-    /// Applies the migrations of this backend, then reads the change index.
+    /// Applies the migrations of this backend, recreates the `catalog_state` row if it is
+    /// missing, then reads the change index.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         match &self.backend {
-            Backend::Postgres(pool) => PG_MIGRATOR.run(pool).await?,
+            Backend::Postgres(pool) => {
+                // On a connection of its own without statement_timeout: a migration may
+                // rightly take longer than a request's statement may.
+                let options = (*pool.connect_options()).clone().options([("statement_timeout", "0")]);
+                let own = PgPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(pool.options().get_acquire_timeout())
+                    .connect_lazy_with(options);
+                let ran = PG_MIGRATOR.run(&own).await;
+                own.close().await;
+                ran?;
+            }
             Backend::Sqlite(pool) => SQLITE_MIGRATOR.run(pool).await?,
         }
+        self.ensure_state_row().await?;
         self.refresh_index().await.map(|_| ())
+    }
+
+    /// Inserts the `catalog_state` row when it is missing (deleted by hand, a partial restore),
+    /// at an index above every stored change, so that the feed never goes back below a change
+    /// a client may have seen. Logged at `warn`: it should not happen.
+    async fn ensure_state_row(&self) -> Result<(), StoreError> {
+        // `WHERE TRUE` keeps SQLite's parser from reading ON CONFLICT as part of the SELECT.
+        // It gets a new epoch (its clients' copies are of another history) and the count of
+        // the instances there are.
+        const RECREATE: &str = "INSERT INTO catalog_state (id, change_index, self_preservation, epoch, instance_count) \
+             SELECT 1, COALESCE(MAX(known), 0) + 1, FALSE, $1, (SELECT COUNT(*) FROM instances) FROM \
+             (SELECT MAX(change_index) AS known FROM instances UNION ALL SELECT MAX(change_index) FROM agents) AS stored \
+             WHERE TRUE ON CONFLICT (id) DO NOTHING RETURNING change_index";
+        let epoch = i64::try_from(rand::random::<u64>() & MAX_EPOCH).unwrap_or_default();
+        let recreated: Option<i64> = with_pool!(self, pool => sqlx::query_scalar(RECREATE).bind(epoch).fetch_optional(pool).await)?;
+        if let Some(index) = recreated {
+            tracing::warn!(index, "the catalog_state row was missing; recreated it at an index above every stored change");
+            self.reset_index(to_u64(index));
+        }
+        // The sweeper's row: without it the next sweep takes the time since as a gap.
+        with_pool!(self, pool => sqlx::query("INSERT INTO sweeper_state (id, swept_at) VALUES (1, NULL) ON CONFLICT (id) DO NOTHING")
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))?;
+        Ok(())
     }
 
     /// Closes the pool.

@@ -9,6 +9,10 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Rejection, Reply};
 
+/// The `Retry-After` of a 503 for an unreachable database or a start in progress: the
+/// registry's poller looks again every second.
+pub const UNAVAILABLE_RETRY_AFTER_S: u32 = 1;
+
 /// Why a request was refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -54,6 +58,17 @@ pub enum ApiError {
     /// A dependency (the database) cannot be reached: retry later.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The server is starting (the registry: waiting for its database and migrations).
+    #[error("starting: {0}")]
+    Starting(String),
+    /// Too much of one kind of work at once (blocking queries, connections): retry after a while.
+    #[error("{message}")]
+    Busy {
+        /// What is full, and what to do.
+        message: String,
+        /// Seconds the client should wait before asking again (`Retry-After`).
+        retry_after_s: u32,
+    },
     /// A defect, not bad input; the detail is logged, never sent.
     #[error("internal error: {0}")]
     Internal(String),
@@ -92,7 +107,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Starting(_) | ApiError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -112,30 +127,53 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::Starting(_) => "starting",
+            ApiError::Busy { .. } => "busy",
             ApiError::Internal(_) => "internal",
         }
     }
 
-    /// The response; 5xx are logged at `warn`, the rest at `debug`.
+    /// Seconds a client should wait before trying again (`Retry-After`), for a 503.
+    pub fn retry_after_s(&self) -> Option<u32> {
+        match self {
+            ApiError::Unavailable(_) | ApiError::Starting(_) => Some(UNAVAILABLE_RETRY_AFTER_S),
+            ApiError::Busy { retry_after_s, .. } => Some(*retry_after_s),
+            _ => None,
+        }
+    }
+
+    /// The response; 5xx are logged at `warn` (but `busy`, counted instead), the rest at
+    /// `debug`. A 503 carries `Retry-After`.
     pub fn into_response(self) -> Response {
         let status = self.status();
         let code = self.code().to_string();
         let message = match &self {
             ApiError::Unavailable(_) => "the database is unreachable; try again shortly".to_string(),
+            ApiError::Starting(_) => {
+                "the registry is starting: it is waiting for its database and migrations; try again shortly".to_string()
+            }
             ApiError::Internal(_) => "internal error; see the log".to_string(),
             other => other.to_string(),
         };
-        if status.is_server_error() {
+        if let ApiError::Busy { .. } = self {
+            // Load shed on purpose, counted in the metrics: not one warning per caller.
+            tracing::debug!(status = status.as_u16(), error = %self, "request refused: busy");
+        } else if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
         } else {
             tracing::debug!(status = status.as_u16(), error = %self, "request refused");
         }
+        let retry_after = self.retry_after_s();
         let problems = match self {
             ApiError::Invalid(errors) => errors.0,
             _ => vec![],
         };
         let body = ErrorBody { error: code, message, problems };
-        warp::reply::with_status(warp::reply::json(&body), status).into_response()
+        let mut response = warp::reply::with_status(warp::reply::json(&body), status).into_response();
+        if let Some(seconds) = retry_after {
+            response.headers_mut().insert(warp::http::header::RETRY_AFTER, warp::http::HeaderValue::from(seconds));
+        }
+        response
     }
 }
 

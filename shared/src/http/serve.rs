@@ -1,8 +1,9 @@
 //! The accept loop both HTTP servers (registry and agent) run under their warp routes, with
 //! optional TLS and the request limits that keep a slow or hostile client from starving
-//! everyone else: a cap on open connections, a deadline for a request's headers and for its
-//! body, a header size limit (431) and an idle keep-alive limit. HTTP/1.1 only: every limit
-//! here is an HTTP/1 one, and neither our clients nor the contract need HTTP/2.
+//! everyone else: a cap on open connections (past which only `/healthz` is answered), a
+//! deadline for a request's headers and for its body, a header size limit (431) and an idle
+//! keep-alive limit. HTTP/1.1 only: every limit here is an HTTP/1 one, and neither our clients
+//! nor the contract need HTTP/2.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -34,8 +35,9 @@ use tracing::Instrument;
 /// The limits one HTTP server applies to its clients.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Most connections open at once. At the cap the server stops accepting: new connections
-    /// wait in the kernel's listen backlog and are served, in order, as soon as one closes.
+    /// Most connections open at once. Past it, [`OVER_CAP_CONNECTIONS`] more are accepted for
+    /// one request each (`/healthz` answered, anything else 503); past those, new connections
+    /// wait in the kernel's listen backlog until a slot frees.
     pub max_connections: usize,
     /// Largest request line plus headers, in bytes; more gets 431 and the connection closed.
     pub max_header_bytes: usize,
@@ -52,6 +54,20 @@ pub struct Limits {
 
 /// How often the warning that the connection cap was reached may repeat.
 const CAP_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// Connections accepted past `max_connections` at once. Each serves one request: `GET
+/// /healthz` is answered (liveness must not fail because the server is busy, or the
+/// supervisor would restart a busy but healthy process), anything else gets 503 with
+/// `Retry-After` (the client learns at once and can ask another replica); then it closes.
+/// Past these too, new connections wait in the listen backlog.
+pub const OVER_CAP_CONNECTIONS: usize = 16;
+
+/// Longest wait for the request headers of a connection past the cap (a probe sends them at
+/// once), so that silent clients cannot keep the over-cap slots for long.
+pub const OVER_CAP_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The liveness path, answered past the connection cap.
+const LIVENESS_PATH: &str = "/healthz";
 
 /// The smallest read buffer hyper accepts (`max_buf_size` panics below it).
 const MIN_BUF_SIZE: usize = 8192;
@@ -117,8 +133,11 @@ pub struct ServeStats {
     pub accepted: Counter,
     /// Connections open now.
     pub open: Gauge,
-    /// Times the server stopped accepting because `max_connections` were open.
+    /// Times a connection arrived with `max_connections` open (served past the cap, or left
+    /// waiting in the backlog).
     pub at_capacity: Counter,
+    /// Connections accepted past `max_connections`: `/healthz` answered, anything else 503.
+    pub over_cap: Counter,
     /// Connections closed because a request's headers were not in within the timeout.
     pub header_timeouts: Counter,
     /// Connections closed after `idle_timeout` with nothing to do.
@@ -134,8 +153,13 @@ impl ServeStats {
         registry.register("http_connections_open", "HTTP connections open now", self.open.clone());
         registry.register(
             "http_connection_cap_reached",
-            "Times max_connections were open and new connections waited in the backlog",
+            "Times a connection arrived with max_connections open (answered past the cap, or waiting in the backlog)",
             self.at_capacity.clone(),
+        );
+        registry.register(
+            "http_over_cap_connections",
+            "Connections accepted past max_connections: /healthz answered, anything else 503 with Retry-After",
+            self.over_cap.clone(),
         );
         registry.register(
             "http_header_timeouts",
@@ -153,7 +177,9 @@ pub type RequestBody = TimedBody<Incoming>;
 /// Serves `service` (e.g. `warp::service(routes)`) on `listener` until `shutdown` is
 /// cancelled, then stops accepting, lets requests in flight finish (each connection closes
 /// after its current request) and returns once every connection is closed. With `tls`, every
-/// connection starts with a TLS handshake, bounded by `header_read_timeout`.
+/// connection starts with a TLS handshake, bounded by `header_read_timeout`. Past
+/// `max_connections`, up to [`OVER_CAP_CONNECTIONS`] more are accepted for one request each:
+/// `/healthz` is answered, anything else gets 503.
 pub async fn serve<S, B>(
     listener: TcpListener,
     service: S,
@@ -164,38 +190,49 @@ pub async fn serve<S, B>(
 ) where
     S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
-    B: HttpBody + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
 {
+    let over_cap_limits =
+        Arc::new(Limits { header_read_timeout: limits.header_read_timeout.min(OVER_CAP_HEADER_TIMEOUT), ..limits.clone() });
     let limits = Arc::new(limits);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let over_cap_permits = Arc::new(Semaphore::new(OVER_CAP_CONNECTIONS));
     let mut connections = JoinSet::new();
     let mut accept_errors = 0u32;
     let mut last_cap_warning = None;
     loop {
         // Reap finished connections first, so the set does not grow with every one served.
         while connections.try_join_next().is_some() {}
-        let permit = match permits.clone().try_acquire_owned() {
-            Ok(permit) => permit,
+        let mut waited = false;
+        let slot = match permits.clone().try_acquire_owned() {
+            Ok(permit) => Slot::Regular(permit),
             Err(_) => {
-                stats.at_capacity.inc();
                 // Once a minute at most: under a flood this happens for every connection.
                 if last_cap_warning.is_none_or(|at: Instant| at.elapsed() >= CAP_WARNING_EVERY) {
                     last_cap_warning = Some(Instant::now());
                     tracing::warn!(
                         max_connections = limits.max_connections,
-                        "connection cap reached; new connections wait in the listen backlog until one closes"
+                        over_cap = OVER_CAP_CONNECTIONS,
+                        "connection cap reached; connections past it are answered /healthz only (anything else 503), \
+                         and past those they wait in the listen backlog until one closes"
                     );
                 }
-                let acquired = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    permit = permits.clone().acquire_owned() => permit,
-                };
-                match acquired {
-                    Ok(permit) => permit,
-                    // The semaphore is never closed.
-                    Err(_) => break,
+                match over_cap_permits.clone().try_acquire_owned() {
+                    Ok(permit) => Slot::OverCap(permit),
+                    Err(_) => {
+                        waited = true;
+                        let acquired = tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            permit = permits.clone().acquire_owned() => permit.map(Slot::Regular),
+                            permit = over_cap_permits.clone().acquire_owned() => permit.map(Slot::OverCap),
+                        };
+                        match acquired {
+                            Ok(slot) => slot,
+                            // The semaphores are never closed.
+                            Err(_) => break,
+                        }
+                    }
                 }
             }
         };
@@ -225,13 +262,32 @@ pub async fn serve<S, B>(
         };
         let _ = stream.set_nodelay(true);
         stats.accepted.inc();
+        // A slot may have freed while this one waited in accept: a regular one is preferred.
+        let slot = match slot {
+            Slot::OverCap(over) => match permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    drop(over);
+                    Slot::Regular(permit)
+                }
+                Err(_) => Slot::OverCap(over),
+            },
+            regular => regular,
+        };
+        let over_cap = matches!(slot, Slot::OverCap(_));
+        if over_cap || waited {
+            stats.at_capacity.inc();
+        }
+        if over_cap {
+            stats.over_cap.inc();
+        }
         let connection = Connection {
             peer,
             service: service.clone(),
-            limits: limits.clone(),
+            limits: if over_cap { over_cap_limits.clone() } else { limits.clone() },
             stats: stats.clone(),
             shutdown: shutdown.clone(),
-            _permit: permit,
+            over_cap,
+            _slot: slot,
         };
         connections.spawn(connection.run(stream, tls.clone()).instrument(tracing::debug_span!("connection", peer = %peer)));
     }
@@ -245,6 +301,15 @@ fn is_connection_error(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset)
 }
 
+/// A boxed error, as hyper takes a body's.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The slot a connection holds: one of `max_connections`, or one past the cap.
+enum Slot {
+    Regular(#[allow(dead_code)] OwnedSemaphorePermit),
+    OverCap(#[allow(dead_code)] OwnedSemaphorePermit),
+}
+
 // === impl Connection ===
 
 /// One accepted connection and what it needs; dropping it releases its slot.
@@ -254,7 +319,9 @@ struct Connection<S> {
     limits: Arc<Limits>,
     stats: Arc<ServeStats>,
     shutdown: CancellationToken,
-    _permit: OwnedSemaphorePermit,
+    /// Accepted past the cap: one request, `/healthz` only.
+    over_cap: bool,
+    _slot: Slot,
 }
 
 /// Why the server closed a connection itself.
@@ -268,9 +335,8 @@ impl<S, B> Connection<S>
 where
     S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
-    B: HttpBody + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
 {
     async fn run(self, stream: TcpStream, tls: Option<TlsAcceptor>) {
         self.stats.open.inc();
@@ -313,16 +379,22 @@ where
         let io = TokioIo::new(Tracked { inner: io, activity: activity.clone() });
         let service = {
             let (service, activity, peer, body_timeout) = (self.service.clone(), activity.clone(), self.peer, limits.body_read_timeout);
+            let over_cap = self.over_cap;
             hyper::service::service_fn(move |request: Request<Incoming>| {
                 let mut service = service.clone();
                 let guard = activity.request_started();
+                let refused = over_cap && !is_liveness(&request);
                 let mut request = request.map(|body| TimedBody::new(body, body_timeout));
                 request.extensions_mut().insert(PeerAddr(peer));
                 async move {
+                    if refused {
+                        drop(guard);
+                        return Ok(over_cap_refusal());
+                    }
                     std::future::poll_fn(|cx| service.poll_ready(cx)).await?;
                     let response = service.call(request).await;
                     drop(guard);
-                    response
+                    response.map(|r| r.map(ServeBody::Routes))
                 }
             })
         };
@@ -335,7 +407,8 @@ where
             .header_read_timeout(limits.header_read_timeout.saturating_add(limits.idle_timeout))
             .max_header_size(limits.max_header_bytes)
             .max_buf_size(limits.max_header_bytes.max(MIN_BUF_SIZE))
-            .keep_alive(true);
+            // One request only past the cap: the slot is for the next prober.
+            .keep_alive(!self.over_cap);
         let connection = http.serve_connection(io, service);
         let mut connection = std::pin::pin!(connection);
         let mut draining = false;
@@ -378,6 +451,69 @@ where
                 }
                 _ = changed => {}
             }
+        }
+    }
+}
+
+/// A liveness probe: `GET` or `HEAD /healthz`.
+fn is_liveness<T>(request: &Request<T>) -> bool {
+    matches!(*request.method(), hyper::Method::GET | hyper::Method::HEAD) && request.uri().path() == LIVENESS_PATH
+}
+
+/// The answer to anything but `/healthz` past the connection cap: 503, `Retry-After: 1`, the
+/// contract's error body, and the connection closed.
+fn over_cap_refusal<B>() -> Response<ServeBody<B>> {
+    let body = serde_json::json!({
+        "error": "busy",
+        "message": "too many connections are open; only /healthz is answered past the cap: retry shortly, or ask another server",
+    });
+    let bytes = Bytes::from(body.to_string());
+    let mut response = Response::new(ServeBody::Own(Some(bytes)));
+    *response.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+    let headers = response.headers_mut();
+    headers.insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    headers.insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
+    headers.insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+    response
+}
+
+// === impl ServeBody ===
+
+/// A response body: the routes' own, or one the server makes itself (the 503 past the cap).
+#[derive(Debug)]
+pub enum ServeBody<B> {
+    /// From the routes.
+    Routes(B),
+    /// The server's own, sent in one frame.
+    Own(Option<Bytes>),
+}
+
+impl<B> HttpBody for ServeBody<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ServeBody::Routes(body) => Pin::new(body).poll_frame(cx).map(|frame| frame.map(|f| f.map_err(Into::into))),
+            ServeBody::Own(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ServeBody::Routes(body) => body.is_end_stream(),
+            ServeBody::Own(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ServeBody::Routes(body) => body.size_hint(),
+            ServeBody::Own(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
 }
