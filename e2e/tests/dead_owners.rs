@@ -54,6 +54,12 @@ async fn a_killed_agents_instance_stays_critical_after_gossip_forgets_it() {
             (found.len() == 3 && found.iter().all(|(_, h)| h == "passing")).then_some(())
         })
         .await;
+        // The observers saw node-c alive in gossip (not only the registry's word for it).
+        eventually("node-c is an alive member", Duration::from_secs(20), || async {
+            let members: Value = observer.get("/v1/agent/members").await?.json().await.ok()?;
+            members["members"].as_array()?.iter().any(|m| m["node"] == "node-c" && m["state"] == "alive").then_some(())
+        })
+        .await;
     }
 
     c.kill();

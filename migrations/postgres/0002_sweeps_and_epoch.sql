@@ -36,3 +36,8 @@ $$ LANGUAGE plpgsql;
 CREATE TRIGGER instances_counted
     AFTER INSERT OR DELETE ON instances
     FOR EACH ROW EXECUTE FUNCTION signpost_count_instances();
+
+-- When each agent itself last announced: the evidence of life other agents ask for (its
+-- lease, which the sweeper extends after a gap, is not).
+ALTER TABLE agents ADD COLUMN renewed_at BIGINT;
+UPDATE agents SET renewed_at = lease_expires_at - ttl_s * 1000;

@@ -31,3 +31,8 @@ CREATE TRIGGER instances_counted_delete AFTER DELETE ON instances
 BEGIN
     UPDATE catalog_state SET instance_count = instance_count - 1 WHERE id = 1;
 END;
+
+-- When each agent itself last announced: the evidence of life other agents ask for (its
+-- lease, which the sweeper extends after a gap, is not).
+ALTER TABLE agents ADD COLUMN renewed_at BIGINT;
+UPDATE agents SET renewed_at = lease_expires_at - ttl_s * 1000;

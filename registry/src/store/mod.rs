@@ -41,7 +41,7 @@ macro_rules! instance_columns {
 
 macro_rules! agent_columns {
     () => {
-        "node, gossip_addr, http_addr, zone, ttl_s, change_index, updated_at, lease_expires_at"
+        "node, gossip_addr, http_addr, zone, ttl_s, change_index, updated_at, lease_expires_at, renewed_at"
     };
 }
 
@@ -935,9 +935,10 @@ impl Store {
         });
         if same {
             let row: Option<AgentRow> = with_pool!(self, pool => sqlx::query_as(concat!(
-                "UPDATE agents SET lease_expires_at = $2 WHERE node = $1 RETURNING ", agent_columns!()))
+                "UPDATE agents SET lease_expires_at = $2, renewed_at = $3 WHERE node = $1 RETURNING ", agent_columns!()))
                 .bind(node)
                 .bind(lease)
+                .bind(now_ms)
                 .fetch_optional(pool)
                 .await)?;
             if let Some(row) = row {
@@ -948,11 +949,12 @@ impl Store {
             let mut tx = pool.begin().await?;
             let index: i64 = sqlx::query_scalar(BUMP_INDEX).fetch_one(&mut *tx).await?;
             let row: AgentRow = sqlx::query_as(concat!(
-                "INSERT INTO agents (node, gossip_addr, http_addr, zone, ttl_s, change_index, updated_at, lease_expires_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                "INSERT INTO agents (node, gossip_addr, http_addr, zone, ttl_s, change_index, updated_at, lease_expires_at, renewed_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7) \
                  ON CONFLICT (node) DO UPDATE SET gossip_addr = excluded.gossip_addr, http_addr = excluded.http_addr, \
                  zone = excluded.zone, ttl_s = excluded.ttl_s, change_index = excluded.change_index, \
-                 updated_at = excluded.updated_at, lease_expires_at = excluded.lease_expires_at RETURNING ", agent_columns!()))
+                 updated_at = excluded.updated_at, lease_expires_at = excluded.lease_expires_at, \
+                 renewed_at = excluded.renewed_at RETURNING ", agent_columns!()))
                 .bind(node)
                 .bind(&announcement.gossip_addr)
                 .bind(&announcement.http_addr)

@@ -122,6 +122,9 @@ pub struct AgentRow {
     pub change_index: i64,
     pub updated_at: i64,
     pub lease_expires_at: i64,
+    /// When the agent itself last announced (a lease given by the sweeper after a gap is no
+    /// renewal).
+    pub renewed_at: Option<i64>,
 }
 
 impl AgentRow {
@@ -140,7 +143,7 @@ impl AgentRow {
             zone: self.zone,
             updated_at: time(self.updated_at),
             lease_expires_at: time(self.lease_expires_at),
-            renewed_at: Some(time(self.lease_expires_at - self.ttl_s.saturating_mul(1000))),
+            renewed_at: self.renewed_at.map(time),
         }
     }
 }
