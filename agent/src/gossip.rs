@@ -418,6 +418,9 @@ pub async fn run(gossip: Arc<Gossip>, local: Arc<LocalState>, cache: Arc<Cache>,
             }
             changed = peers.changed() => {
                 if changed.is_err() { return }
+                // A node that left the live set is dead from the same round on: read the dead
+                // set now, so that no view shows it neither live nor dead.
+                dead = gossip.dead_nodes().await;
                 stale = true;
             }
             _ = ticker.tick() => {

@@ -7,11 +7,12 @@
 //! calls of one pass run side by side, each under its own deadline, so one that hangs delays
 //! no other lease. Calls fail over between registry URLs (the client does).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use signpost_shared::client::{ClientError, RegistryClient};
 use signpost_shared::model::{Health, Registration};
 use signpost_shared::wire::{AgentAnnouncement, Heartbeat, Maintenance, announce_period};
@@ -68,7 +69,7 @@ pub struct Syncer {
 }
 
 /// One call to the registry that a pass starts.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Call {
     /// Renew the agent's announcement.
     Announce,
@@ -80,6 +81,9 @@ enum Call {
 
 /// What a call came back with: for a sync, what the registry was told (`None`: nothing due).
 type Outcome = (Call, Result<Option<Told>, ClientError>);
+
+/// The calls in flight, by their task.
+type Running = HashMap<tokio::task::Id, Call>;
 
 impl Syncer {
     /// A syncer for `local`.
@@ -94,7 +98,7 @@ impl Syncer {
         let mut changes = self.local.subscribe();
         let period = announce_period(self.config.lease_ttl_s);
         let mut calls: JoinSet<Outcome> = JoinSet::new();
-        let mut running: BTreeSet<Call> = BTreeSet::new();
+        let mut running: Running = HashMap::new();
         let mut backoff = Duration::from_millis(200);
         let mut failing = false;
         let mut first_error: Option<ClientError> = None;
@@ -129,13 +133,19 @@ impl Syncer {
                     if changed.is_err() { break }
                     next_pass = Instant::now();
                 }
-                Some(done) = calls.join_next(), if !calls.is_empty() => {
-                    let Ok((call, result)) = done else { continue };
-                    running.remove(&call);
-                    if let Err(e) = self.apply(call, result) {
-                        first_error.get_or_insert(e);
+                Some(done) = calls.join_next_with_id(), if !calls.is_empty() => match done {
+                    Ok((id, (call, result))) => {
+                        running.remove(&id);
+                        if let Err(e) = self.apply(call, result) {
+                            first_error.get_or_insert(e);
+                        }
                     }
-                }
+                    Err(e) => {
+                        // A defect: the next pass starts the call again.
+                        let call = running.remove(&e.id());
+                        tracing::error!(call = ?call, error = %e, "a registry call failed unexpectedly");
+                    }
+                },
                 _ = tokio::time::sleep_until(next_pass) => {}
             }
         }
@@ -145,39 +155,44 @@ impl Syncer {
 
     /// Starts the calls due now that are not still running: the announcement, a sync of every
     /// local service, a deregistration of every service removed.
-    fn start_pass(&self, calls: &mut JoinSet<Outcome>, running: &mut BTreeSet<Call>) {
+    fn start_pass(&self, calls: &mut JoinSet<Outcome>, running: &mut Running) {
         let deadline = self.config.call_deadline();
-        if running.insert(Call::Announce) {
-            let (client, node, announcement) = (self.client.clone(), self.config.node.clone(), self.config.announcement.clone());
-            calls.spawn(async move {
-                let result = within(deadline, "the announcement", client.announce(&node, &announcement)).await;
-                (Call::Announce, result.map(|_| None))
-            });
-        }
+        let mut start = |call: Call, task: BoxFuture<'static, Result<Option<Told>, ClientError>>| {
+            if !running.values().any(|c| *c == call) {
+                let key = call.clone();
+                let id = calls.spawn(async move { (call, task.await) }).id();
+                running.insert(id, key);
+            }
+        };
+        let (client, node, announcement) = (self.client.clone(), self.config.node.clone(), self.config.announcement.clone());
+        start(
+            Call::Announce,
+            Box::pin(async move { within(deadline, "the announcement", client.announce(&node, &announcement)).await.map(|_| None) }),
+        );
         let services = self.local.services();
         for id in self.told.keys().filter(|id| !services.iter().any(|s| &s.spec.id == *id)) {
-            let call = Call::Deregister(id.clone());
-            if running.insert(call.clone()) {
-                let (client, node, id) = (self.client.clone(), self.config.node.clone(), id.clone());
-                calls.spawn(async move {
+            let (client, node, id) = (self.client.clone(), self.config.node.clone(), id.clone());
+            start(
+                Call::Deregister(id.clone()),
+                Box::pin(async move {
                     let what = format!("the deregistration of {id}");
-                    let result = match within(deadline, &what, client.deregister(&id, Some(&node))).await {
-                        Err(e) if e.is_not_found() => Ok(()),
-                        other => other,
-                    };
-                    (call, result.map(|()| None))
-                });
-            }
+                    match within(deadline, &what, client.deregister(&id, Some(&node))).await {
+                        Ok(()) => Ok(None),
+                        Err(e) if e.is_not_found() => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                }),
+            );
         }
         for service in services {
-            let call = Call::Sync(service.spec.id.clone());
-            if running.insert(call.clone()) {
-                let (client, config, previous) = (self.client.clone(), self.config.clone(), self.told.get(&service.spec.id).cloned());
-                calls.spawn(async move {
+            let (client, config, previous) = (self.client.clone(), self.config.clone(), self.told.get(&service.spec.id).cloned());
+            start(
+                Call::Sync(service.spec.id.clone()),
+                Box::pin(async move {
                     let what = format!("the sync of {}", service.spec.id);
-                    (call, within(deadline, &what, sync_one(&client, &config, &service, previous)).await)
-                });
-            }
+                    within(deadline, &what, sync_one(&client, &config, &service, previous)).await
+                }),
+            );
         }
     }
 

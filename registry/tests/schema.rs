@@ -47,7 +47,7 @@ async fn a_missing_table_is_unavailable_until_migrated_again(store: &Store, url:
         execute(store, url, "DROP SCHEMA public CASCADE").await;
         execute(store, url, "CREATE SCHEMA public").await;
     } else {
-        for sql in ["DROP TABLE agents", "DROP TABLE catalog_state", "DROP TABLE _sqlx_migrations"] {
+        for sql in ["DROP TABLE agents", "DROP TABLE catalog_state", "DROP TABLE sweeper_state", "DROP TABLE _sqlx_migrations"] {
             execute(store, url, sql).await;
         }
     }
