@@ -9,7 +9,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 
 use super::error::ApiError;
-use super::request::Body;
+use super::request::{Body, only_param};
 use super::{AppState, json, with_index};
 use crate::store::time;
 
@@ -34,14 +34,9 @@ pub const MAX_NODES_ASKED: usize = 100;
 
 /// The `node` query parameters of `GET /v1/agents` (repeatable; none: every agent).
 fn asked_nodes(raw_query: &str) -> Result<Vec<String>, ApiError> {
-    let mut nodes = Vec::new();
-    for (key, value) in url::form_urlencoded::parse(raw_query.as_bytes()) {
-        if key != "node" {
-            let message = format!("unknown query parameter `{}`; this endpoint takes: node", validate::clip(&key));
-            return Err(ApiError::bad_request("invalid_query", message));
-        }
-        validate::node_name(&value).map_err(|p| ApiError::bad_request("invalid_query", format!("node: {p}")))?;
-        nodes.push(value.into_owned());
+    let mut nodes = only_param(raw_query, "node")?;
+    for node in &nodes {
+        validate::node_name(node).map_err(|p| ApiError::bad_request("invalid_query", format!("node: {p}")))?;
     }
     if nodes.len() > MAX_NODES_ASKED {
         return Err(ApiError::bad_request("invalid_query", format!("at most {MAX_NODES_ASKED} nodes may be asked for at once")));

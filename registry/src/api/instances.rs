@@ -11,39 +11,26 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 
 use super::error::ApiError;
-use super::request::Body;
+use super::request::{Body, only_param};
 use super::{AppState, json, with_index};
 use crate::store::{Deregistered, Registered};
 
 /// The `node` query parameter of a deregistration: the owner agent removing its own instance.
 fn owner_node(raw_query: &str) -> Result<Option<String>, ApiError> {
-    let mut node = None;
-    for (key, value) in url::form_urlencoded::parse(raw_query.as_bytes()) {
-        if key != "node" {
-            let message = format!("unknown query parameter `{}`; this endpoint takes: node", validate::clip(&key));
-            return Err(ApiError::bad_request("invalid_query", message));
-        }
-        validate::node_name(&value).map_err(|p| ApiError::bad_request("invalid_query", format!("node: {p}")))?;
-        node = Some(value.into_owned());
+    let node = only_param(raw_query, "node")?.pop();
+    if let Some(node) = &node {
+        validate::node_name(node).map_err(|p| ApiError::bad_request("invalid_query", format!("node: {p}")))?;
     }
     Ok(node)
 }
 
 /// The query of a registration: `move=true` lets the admin move an id to another node.
 fn move_requested(raw_query: &str) -> Result<bool, ApiError> {
-    let mut requested = false;
-    for (key, value) in url::form_urlencoded::parse(raw_query.as_bytes()) {
-        if key != "move" {
-            let message = format!("unknown query parameter `{}`; this endpoint takes: move", validate::clip(&key));
-            return Err(ApiError::bad_request("invalid_query", message));
-        }
-        requested = match value.as_ref() {
-            "true" => true,
-            "false" => false,
-            other => return Err(ApiError::bad_request("invalid_query", format!("move: `{}` is not true or false", validate::clip(other)))),
-        };
+    match only_param(raw_query, "move")?.pop().as_deref() {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(ApiError::bad_request("invalid_query", format!("move: `{}` is not true or false", validate::clip(other)))),
     }
-    Ok(requested)
 }
 
 /// Refuses an id that cannot exist (400) before it reaches the database.

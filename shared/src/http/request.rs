@@ -129,6 +129,21 @@ pub struct ReadQuery {
     pub zone: Option<String>,
 }
 
+/// The values of `key`, the one parameter a query may carry, in order; any other parameter
+/// is a 400 naming it.
+pub fn only_param(raw: &str, key: &str) -> Result<Vec<String>, ApiError> {
+    url::form_urlencoded::parse(raw.as_bytes())
+        .map(|(name, value)| {
+            if name == key {
+                Ok(value.into_owned())
+            } else {
+                let message = format!("unknown query parameter `{}`; this endpoint takes: {key}", validate::clip(&name));
+                Err(ApiError::bad_request("invalid_query", message))
+            }
+        })
+        .collect()
+}
+
 impl ReadQuery {
     /// Parses a raw query string, accepting only the parameters in `allowed`.
     pub fn parse(raw: &str, allowed: &[&str]) -> Result<ReadQuery, ApiError> {
