@@ -95,9 +95,12 @@ pub async fn follow(
                     tracing::warn!(error = %e, "cannot follow the registry's catalog; answering from the cache and gossip");
                     failing = true;
                 }
+                // At least what the registry asked for (`Retry-After`, e.g. at its cap of
+                // blocking queries).
+                let pause = backoff.max(e.retry_after().unwrap_or_default());
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(pause) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

@@ -19,6 +19,7 @@ use signpost_shared::wire::{AgentAnnouncement, Heartbeat, Maintenance, announce_
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use warp::http::StatusCode;
 
 use crate::local::{LocalService, LocalState};
 use crate::metrics::Metrics;
@@ -32,6 +33,9 @@ struct Told {
     output: Option<String>,
     renewed_at: Instant,
 }
+
+/// How long calls in flight may take to end when the syncer stops, before they are dropped.
+const DRAIN: Duration = Duration::from_secs(1);
 
 /// The syncer's settings.
 #[derive(Debug, Clone)]
@@ -103,6 +107,9 @@ impl Syncer {
         let mut failing = false;
         let mut first_error: Option<ClientError> = None;
         let mut next_pass = Instant::now();
+        // A local change came while calls ran, which the pass it started skipped: the pass
+        // after each of them ends takes it (a health change is not left for a period).
+        let mut changed_during_calls = false;
         loop {
             if Instant::now() >= next_pass {
                 // How the calls since the last pass went decides the pace of the next ones.
@@ -132,24 +139,42 @@ impl Syncer {
                 changed = changes.changed() => {
                     if changed.is_err() { break }
                     next_pass = Instant::now();
+                    changed_during_calls |= !running.is_empty();
                 }
-                Some(done) = calls.join_next_with_id(), if !calls.is_empty() => match done {
-                    Ok((id, (call, result))) => {
-                        running.remove(&id);
-                        if let Err(e) = self.apply(call, result) {
-                            first_error.get_or_insert(e);
+                Some(done) = calls.join_next_with_id(), if !calls.is_empty() => {
+                    match done {
+                        Ok((id, (call, result))) => {
+                            running.remove(&id);
+                            if let Err(e) = self.apply(call, result) {
+                                first_error.get_or_insert(e);
+                            }
+                        }
+                        Err(e) => {
+                            // A defect: the next pass starts the call again.
+                            let call = running.remove(&e.id());
+                            tracing::error!(call = ?call, error = %e, "a registry call failed unexpectedly");
                         }
                     }
-                    Err(e) => {
-                        // A defect: the next pass starts the call again.
-                        let call = running.remove(&e.id());
-                        tracing::error!(call = ?call, error = %e, "a registry call failed unexpectedly");
+                    if changed_during_calls {
+                        next_pass = Instant::now();
+                        changed_during_calls = !running.is_empty();
                     }
-                },
+                }
                 _ = tokio::time::sleep_until(next_pass) => {}
             }
         }
-        calls.abort_all();
+        // Calls in flight end first (for at most DRAIN, a small part of the shutdown grace),
+        // so that none reaches the registry after the agent has left.
+        let drain = tokio::time::timeout(DRAIN, async {
+            while let Some(done) = calls.join_next().await {
+                if let Ok((call, result)) = done {
+                    let _ = self.apply(call, result);
+                }
+            }
+        });
+        if drain.await.is_err() {
+            calls.abort_all();
+        }
         self
     }
 
@@ -210,26 +235,34 @@ impl Syncer {
                 self.told.remove(&id);
             }
             (_, Ok(_)) => {}
+            // Refused for what the service is (another node owns its id: 409; over a quota or
+            // not this node's to write: 403): the registry answers, so this is no failure to
+            // reach it. Logged once; the next pass asks again.
+            (Call::Sync(id), Err(e)) if matches!(e.status(), Some(StatusCode::CONFLICT | StatusCode::FORBIDDEN)) => {
+                if self.refused.insert(id.clone()) {
+                    let hint = if e.status() == Some(StatusCode::CONFLICT) {
+                        "another node owns its id; give it another id"
+                    } else {
+                        "see the error"
+                    };
+                    tracing::error!(instance = %id, error = %e, hint, "the registry refuses this local service");
+                }
+            }
             (call, Err(e)) => {
                 self.metrics.registry_error();
-                match &call {
-                    Call::Sync(id) if e.status() == Some(warp::http::StatusCode::CONFLICT) => {
-                        if self.refused.insert(id.clone()) {
-                            tracing::error!(instance = %id, error = %e, "the registry refuses this local service: another node owns its id; give it another id");
-                        }
-                    }
-                    _ => tracing::debug!(call = ?call, error = %e, "a registry call failed"),
-                }
+                tracing::debug!(call = ?call, error = %e, "a registry call failed");
                 return Err(e);
             }
         }
         Ok(())
     }
 
-    /// Deregisters every local service at once (the agent is leaving), within `deadline`.
+    /// Deregisters every local service, and every instance the registry was told of, at
+    /// once (the agent is leaving), within `deadline`.
     pub async fn leave(&self, deadline: Duration) {
-        let calls = self.local.services().into_iter().map(|service| async move {
-            let id = service.spec.id;
+        let mut ids: BTreeSet<String> = self.told.keys().cloned().collect();
+        ids.extend(self.local.services().into_iter().map(|service| service.spec.id));
+        let calls = ids.into_iter().map(|id| async move {
             match tokio::time::timeout(deadline, self.client.deregister(&id, Some(&self.config.node))).await {
                 Ok(Ok(())) => tracing::info!(instance = %id, "deregistered"),
                 Ok(Err(e)) if e.is_not_found() => {}
@@ -274,7 +307,7 @@ async fn sync_one(
                 return Ok(None);
             }
             let heartbeat = Heartbeat { health: reported, output: output.as_deref().map(clip) };
-            match client.heartbeat(&spec.id, &heartbeat).await {
+            match client.heartbeat(&spec.id, &heartbeat, Some(&config.node)).await {
                 Ok(_) => {}
                 Err(e) if e.is_not_found() => {
                     tracing::info!(instance = %spec.id, "the registry lost this instance; registering it again");
@@ -291,7 +324,7 @@ async fn sync_one(
     let was_in_maintenance = previous.as_ref().is_some_and(|p| p.health == Health::Maintenance);
     if health == Health::Maintenance || was_in_maintenance || registered_as_now.is_none() {
         let maintenance = Maintenance { enabled: health == Health::Maintenance, reason: service.maintenance.clone() };
-        client.maintenance(&spec.id, &maintenance).await?;
+        client.maintenance(&spec.id, &maintenance, Some(&config.node)).await?;
     }
     Ok(Some(Told { registration, health, output, renewed_at: Instant::now() }))
 }

@@ -2,6 +2,7 @@
 //! (each logs the address it bound), their logs kept in files, killed when dropped.
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -125,6 +126,7 @@ impl Registry {
             None => Command::new(crate::binary("signpost-registry")),
         };
         command.args(&self.argv).current_dir(&self.cwd).env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null());
+        command.process_group(0);
         command.stderr(std::fs::File::create(&log).expect("log file"));
         // Held before waiting, so that a process that never listens is still killed on drop.
         let child = self.child.insert(command.spawn().expect("start signpost-registry"));
@@ -245,17 +247,20 @@ pub(crate) async fn wait_listening(child: &mut Child, log: &std::path::Path) -> 
     }
 }
 
-/// SIGKILL, then wait for the process to die.
+/// SIGKILL to the child's process group (a wrapper such as `faketime` forks the binary and
+/// does not pass signals on), then wait for the child to die.
 pub(crate) fn kill_child(child: Option<&mut Child>) {
     if let Some(child) = child {
+        signal_group(child.id(), "KILL");
         let _ = child.kill();
         let _ = child.wait();
     }
 }
 
-/// SIGTERM, then the exit code within `timeout` (None if still running).
+/// SIGTERM to the child's process group, then the exit code within `timeout` (None if still
+/// running).
 async fn terminate_child(child: &mut Child, timeout: Duration) -> Option<i32> {
-    signal(child.id(), "TERM");
+    signal_group(child.id(), "TERM");
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if let Ok(Some(status)) = child.try_wait() {
@@ -269,6 +274,12 @@ async fn terminate_child(child: &mut Child, timeout: Duration) -> Option<i32> {
 /// Sends a signal by name (`TERM`, `STOP`, `CONT`) to a process.
 pub fn signal(pid: u32, name: &str) {
     let _ = Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status();
+}
+
+/// Sends a signal by name to the process group led by `leader` (spawned with
+/// `process_group(0)`): the binary and any wrapper around it.
+fn signal_group(leader: u32, name: &str) {
+    let _ = Command::new("kill").args([&format!("-{name}"), "--", &format!("-{leader}")]).status();
 }
 
 /// Settings for an agent process.
@@ -400,6 +411,7 @@ impl Agent {
             None => Command::new(crate::binary("signpost-agent")),
         };
         command.args(&self.args).current_dir(self.dir.path()).env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null());
+        command.process_group(0);
         command.stderr(std::fs::File::create(&log).expect("log file"));
         // Held before waiting, so that a process that never listens is still killed on drop.
         let child = self.child.insert(command.spawn().expect("start signpost-agent"));

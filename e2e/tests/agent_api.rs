@@ -154,7 +154,7 @@ async fn pick_prefers_the_agents_zone_and_the_protection_threshold_holds_every_i
     let client = registry.client();
     let critical = signpost_shared::wire::Heartbeat { health: Some(signpost_shared::Health::Critical), output: None };
     for id in ["api-1", "api-2"] {
-        client.heartbeat(id, &critical).await.expect("heartbeat");
+        client.heartbeat(id, &critical, None).await.expect("heartbeat");
     }
     eventually("pick falls back to z2", Duration::from_secs(10), || async {
         let picked = get_json(&agent.at("/v1/services/api/pick")).await;
@@ -162,7 +162,7 @@ async fn pick_prefers_the_agents_zone_and_the_protection_threshold_holds_every_i
     })
     .await;
     // Three of four fail: under the 0.5 threshold, a healthy lookup holds all four and says so.
-    client.heartbeat("api-3", &critical).await.expect("heartbeat");
+    client.heartbeat("api-3", &critical, None).await.expect("heartbeat");
     eventually("protection is on", Duration::from_secs(10), || async {
         let response = reqwest::get(agent.at("/v1/services/api")).await.ok()?;
         let protected = response.headers().get("x-signpost-protection").is_some();

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use signpost_e2e::{Registry, RegistryBuilder, eventually};
+use signpost_e2e::{AgentBuilder, Registry, RegistryBuilder, eventually, signal};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -164,4 +164,39 @@ async fn healthz_is_answered_with_every_connection_taken() {
     for waiter in waiters {
         assert_eq!(waiter.await.expect("a waiter"), Some(200));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refused_at_the_cap_waits_as_long_as_it_is_told() {
+    // Connections to spare: the agent meets the cap of blocking queries, not of connections.
+    let registry = RegistryBuilder::new(None).flag("max-connections", "64").flag("max-blocking-queries", "4").start().await;
+    assert_eq!(register(&registry, "web-1").await, 201);
+    let metric = |name: &'static str| async { registry.metric(name).await.unwrap_or(0.0) };
+    let agent = AgentBuilder::new("node-a", &[registry.url()]).flag("catalog-wait", "5s").start().await;
+    // The agent has announced itself (the last change it makes) and follows the catalog.
+    eventually("the agent waits in a blocking query", Duration::from_secs(20), || async {
+        (metric("signpost_registry_blocking_queries_waiting").await == 1.0).then_some(())
+    })
+    .await;
+    // Frozen, it lets its wait run out; the test's waiters take every place meanwhile.
+    signal(agent.pid(), "STOP");
+    eventually("the frozen agent's wait ended", Duration::from_secs(20), || async {
+        (metric("signpost_registry_blocking_queries_waiting").await == 0.0).then_some(())
+    })
+    .await;
+    let _waiters = block_on(&registry, catalog_index(&registry).await, 4).await;
+    signal(agent.pid(), "CONT");
+    eventually("the agent's blocking query is refused", Duration::from_secs(20), || async {
+        (metric("signpost_registry_blocking_queries_refused_total").await >= 1.0).then_some(())
+    })
+    .await;
+    // Told `Retry-After: 5`, it asks again at most every 5 s (in 12 s: 3 times at most), not
+    // with its own back-off from 100 ms (which made about 25 tries in the same time).
+    let before = metric("signpost_registry_blocking_queries_refused_total").await;
+    let window = Duration::from_secs(12);
+    tokio::time::sleep(window).await;
+    let tries = metric("signpost_registry_blocking_queries_refused_total").await - before;
+    assert!(tries <= 3.0, "{tries} blocking queries refused in {window:?}");
+    assert!(tries >= 1.0, "the agent stopped asking: {tries} in {window:?}; its log:\n{}", agent.log_text());
+    assert_eq!(metric("signpost_registry_blocking_queries_waiting").await, 4.0, "the test's waiters still hold every place");
 }

@@ -60,6 +60,23 @@ async fn another_node_cannot_take_over_an_id_whose_owner_is_alive() {
     assert_eq!(send(register(instance("dup-1", "nodey"), ADMIN, "?move=maybe")).await.0, StatusCode::BAD_REQUEST);
     assert_eq!(send(register(instance("dup-1", "nodey"), ADMIN, "?move=true")).await.0, StatusCode::OK);
     assert_eq!(owner_at_registry(&registry, "dup-1").await, "nodey");
+    // nodex's agent, still renewing what it held, is told that it holds no such instance now
+    // (404: it registers again, and learns of the move); its heartbeat changes nothing, and
+    // it may not put nodey's instance in maintenance.
+    let beat = http.put(registry.at("/v1/instances/dup-1/heartbeat?node=nodex")).bearer_auth(FLEET).json(&json!({"health": "critical"}));
+    let (status, body) = send(beat).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| m.contains("register it again")), "{body}");
+    let maintenance =
+        http.put(registry.at("/v1/instances/dup-1/maintenance?node=nodex")).bearer_auth(FLEET).json(&json!({"enabled": true}));
+    assert_eq!(send(maintenance).await.0, StatusCode::FORBIDDEN);
+    let moved = send(http.get(registry.at("/v1/instances/dup-1")).bearer_auth(ADMIN)).await.1;
+    assert_eq!((&moved["node"], &moved["health"]), (&json!("nodey"), &json!("passing")), "{moved}");
+    // A token bound to no node names any node; nodey's own heartbeat renews it.
+    let beat = http.put(registry.at("/v1/instances/dup-1/heartbeat?node=nodey")).bearer_auth(FLEET).json(&json!({}));
+    assert_eq!(send(beat).await.0, StatusCode::OK);
+    let bad = http.put(registry.at("/v1/instances/dup-1/heartbeat?node=-bad-")).bearer_auth(FLEET).json(&json!({}));
+    assert_eq!(send(bad).await.0, StatusCode::BAD_REQUEST);
 
     // An owner that is not alive (never announced, or its announcement lapsed) does not hold the id.
     assert_eq!(send(register(instance("dup-2", "ghost"), FLEET, "")).await.0, StatusCode::CREATED);

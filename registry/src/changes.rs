@@ -114,8 +114,9 @@ async fn repair(store: &Store, cause: &crate::store::StoreError, last_warning: &
         Ok(()) => {
             // The database starts over (an emptied one from index 1): its index is the truth
             // at once, so waiters at a higher one are answered instead of waiting for it.
-            if let Ok(index) = store.refresh_index().await {
-                store.reset_index(index);
+            match store.refresh_index().await {
+                Ok(index) => store.reset_index(index),
+                Err(e) => tracing::warn!(error = %e, "cannot read the index after migrating; the next poll reads it"),
             }
             tracing::info!(index = store.known_index(), "migrations applied again; serving");
             *last_warning = None;

@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::store::{Store, SweepPolicy};
+use crate::store::{Store, SweepPolicy, SweepReport};
 
 /// The longest time between two sweeps that counts as sweeping without a gap: five sweep
 /// intervals, and at least 5 s (a leader handing over in a second or two is no gap).
@@ -46,16 +46,14 @@ pub async fn run(
             tracing::warn!(held_for = ?max_hold, "self-preservation held too long; expiring the lapsed leases");
         }
         match store.sweep(&policy, now_ms, hold_allowed).await {
-            Ok(report) if report.resumed.is_some() => {
-                if let Some(resumed) = &report.resumed {
-                    tracing::warn!(
-                        gap_ms = resumed.gap.as_millis() as u64,
-                        leases_extended = resumed.leases_extended,
-                        grace_restarted = resumed.grace_restarted,
-                        "sweeping resumes after a gap: every live lease gets a full term to be renewed, and no critical instance is removed before it has been critical for deregister_after from now"
-                    );
-                }
-                metrics.sweep("resumed", 0, 0, report.self_preservation);
+            Ok(SweepReport { resumed: Some(resumed), self_preservation, .. }) => {
+                tracing::warn!(
+                    gap_ms = resumed.gap.as_millis() as u64,
+                    leases_extended = resumed.leases_extended,
+                    grace_restarted = resumed.grace_restarted,
+                    "sweeping resumes after a gap: every live lease gets a full term to be renewed, and no critical instance is removed before it has been critical for deregister_after from now"
+                );
+                metrics.sweep("resumed", 0, 0, self_preservation);
             }
             Ok(report) => {
                 if report.self_preservation {

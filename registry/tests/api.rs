@@ -99,13 +99,13 @@ async fn update_filters_and_counts() {
     assert_eq!(ids(&get(&registry, "/v1/services/api?zone=eu-1&tag=v1").await.1), ["api-c"]);
     // Health: a critical instance leaves the default (healthy) answer, stays in health=any.
     let critical = signpost_shared::wire::Heartbeat { health: Some(signpost_shared::Health::Critical), output: Some("down".into()) };
-    client.heartbeat("api-b", &critical).await.expect("heartbeat");
+    client.heartbeat("api-b", &critical, None).await.expect("heartbeat");
     assert_eq!(ids(&get(&registry, "/v1/services/api").await.1), ["api-a", "api-c"]);
     assert_eq!(ids(&get(&registry, "/v1/services/api?health=any").await.1), ["api-a", "api-b", "api-c"]);
     assert_eq!(ids(&get(&registry, "/v1/services/api?health=critical").await.1), ["api-b"]);
     // Maintenance.
     let on = signpost_shared::wire::Maintenance { enabled: true, reason: Some("upgrade".into()) };
-    assert_eq!(client.maintenance("api-c", &on).await.expect("maintenance").health, signpost_shared::Health::Maintenance);
+    assert_eq!(client.maintenance("api-c", &on, None).await.expect("maintenance").health, signpost_shared::Health::Maintenance);
     assert_eq!(ids(&get(&registry, "/v1/services/api").await.1), ["api-a"]);
     // Counts per service.
     let page = client.services().await.expect("services");
@@ -181,6 +181,18 @@ async fn a_caller_holding_the_catalog_gets_304_instead_of_it_again() {
     assert_eq!(same.status(), StatusCode::NOT_MODIFIED);
     assert_eq!(same.headers().get("x-signpost-index").and_then(|v| v.to_str().ok()), Some(index.to_string().as_str()));
     assert!(same.bytes().await.expect("body").is_empty(), "no catalog in a 304");
+
+    // An agent built before these tags sends the bare index as its tag: it waits as it always
+    // did (it would take an answer at once for "nothing changed" and ask again at once).
+    let started = Instant::now();
+    let old = http
+        .get(registry.at(&format!("/v1/catalog?index={index}&wait=500ms")))
+        .header("if-none-match", format!("\"{index}\""))
+        .send()
+        .await
+        .expect("GET");
+    assert!(started.elapsed() >= Duration::from_millis(450), "an old agent's query waited");
+    assert_eq!(old.status(), StatusCode::OK);
 
     // Another tag, or none, gets the catalog as before.
     let other = http.get(registry.at("/v1/catalog")).header("if-none-match", "\"999999\", W/\"999998\"").send().await.expect("GET");
@@ -471,7 +483,8 @@ async fn each_token_may_do_what_its_role_allows_and_nothing_else() {
     let heartbeat =
         |id: &str, token: &str| send(client.put(registry.at(&format!("/v1/instances/{id}/heartbeat"))).json(&json!({})), Some(token));
     assert_eq!(heartbeat("web-a", node_a).await, StatusCode::OK);
-    assert_eq!(heartbeat("web-b", node_a).await, StatusCode::FORBIDDEN);
+    // node-a has no instance `web-b`: told to register it (which it may not), it renews nothing.
+    assert_eq!(heartbeat("web-b", node_a).await, StatusCode::NOT_FOUND);
     assert_eq!(heartbeat("web-b", fleet).await, StatusCode::OK);
     assert_eq!(heartbeat("web-b", reader).await, StatusCode::FORBIDDEN);
     // Maintenance: the admin, a fleet agent, or the agent of the instance's own node (an agent

@@ -100,7 +100,7 @@ async fn self_preservation_holds_the_catalog_when_most_leases_lapse_at_once() {
     assert!(passing >= 7, "the fleet was held: {passing} passing of {}", instances.len());
     // Heartbeats resume: self-preservation ends, and it expires leases again.
     for i in 0..9 {
-        let _ = client.heartbeat(&format!("web-{i}"), &Default::default()).await;
+        let _ = client.heartbeat(&format!("web-{i}"), &Default::default(), None).await;
     }
     eventually("self-preservation is off", Duration::from_secs(10), || async {
         client.services().await.ok().filter(|page| !page.self_preservation).map(|_| ())

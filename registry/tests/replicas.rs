@@ -177,7 +177,7 @@ async fn the_client_fails_over_to_the_next_registry() {
     assert!(created);
     assert_eq!(registered.id, "web-1");
     assert_eq!(client.current_url().as_str().trim_end_matches('/'), live.url(), "later calls start at the registry that answered");
-    let missing = client.heartbeat("nope", &Default::default()).await.expect_err("unknown instance");
+    let missing = client.heartbeat("nope", &Default::default(), None).await.expect_err("unknown instance");
     assert!(missing.is_not_found(), "a 404 is not retried and tells the caller to register again");
 }
 

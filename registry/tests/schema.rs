@@ -1,4 +1,4 @@
-//! The store when its schema or its `catalog_state` row goes missing (503 and a repair by
+//! The store when its schema, its `catalog_state` row or its `sweeper_state` row goes missing (503 and a repair by
 //! migrating again, on both backends), and the session limits every PostgreSQL connection of
 //! the pool is opened with.
 
@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use signpost_registry::store::{SessionLimits, Store, StoreOptions};
+use signpost_registry::store::{SessionLimits, Store, StoreOptions, SweepPolicy};
 use signpost_shared::model::{InstanceSpec, Registration};
 
 fn options() -> StoreOptions {
@@ -67,31 +67,52 @@ async fn a_missing_state_row_is_recreated_above_every_change(store: &Store, url:
     assert!(recreated > index, "recreated at {recreated}, the last change was at {index}");
 }
 
+/// A missing `sweeper_state` row is recreated by the next sweep, which resumes as after a gap
+/// (nothing expires), and sweeping goes on from there.
+async fn a_missing_sweeper_row_is_recreated_by_the_sweep(store: &Store, url: &str) {
+    let policy = SweepPolicy {
+        deregister_after: Duration::from_secs(10),
+        self_preservation_threshold: 0.5,
+        self_preservation_min_instances: 5,
+        gap_after: Duration::from_secs(5),
+    };
+    store.register(&spec("web-1"), 1_000, None, false).await.expect("register");
+    assert!(store.sweep(&policy, 1_000, true).await.expect("the first sweep").resumed.is_some());
+    assert!(store.sweep(&policy, 2_000, true).await.expect("a sweep").resumed.is_none());
+    execute(store, url, "DELETE FROM sweeper_state").await;
+    let resumed = store.sweep(&policy, 3_000, true).await.expect("a sweep without its row");
+    assert!(resumed.resumed.is_some() && resumed.expired.is_empty(), "{resumed:?}");
+    assert!(store.sweep(&policy, 4_000, true).await.expect("the next sweep").resumed.is_none(), "the row is back");
+}
+
+/// Runs schema test `test` (0, 1 or 2).
+async fn schema_test(test: u8, store: &Store, url: &str) {
+    match test {
+        0 => a_missing_table_is_unavailable_until_migrated_again(store, url).await,
+        1 => a_missing_state_row_is_recreated_above_every_change(store, url).await,
+        _ => a_missing_sweeper_row_is_recreated_by_the_sweep(store, url).await,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_schema_repairs() {
-    for test in [0, 1] {
+    for test in [0, 1, 2] {
         let db = common::TestDb::create().await;
         let store = Store::connect(&db.url, &options()).expect("connect");
         store.migrate().await.expect("migrate");
-        match test {
-            0 => a_missing_table_is_unavailable_until_migrated_again(&store, &db.url).await,
-            _ => a_missing_state_row_is_recreated_above_every_change(&store, &db.url).await,
-        }
+        schema_test(test, &store, &db.url).await;
         store.close().await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_schema_repairs() {
-    for test in [0, 1] {
+    for test in [0, 1, 2] {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("registry.db").display());
         let store = Store::connect(&url, &options()).expect("connect");
         store.migrate().await.expect("migrate");
-        match test {
-            0 => a_missing_table_is_unavailable_until_migrated_again(&store, &url).await,
-            _ => a_missing_state_row_is_recreated_above_every_change(&store, &url).await,
-        }
+        schema_test(test, &store, &url).await;
         store.close().await;
     }
 }

@@ -57,6 +57,9 @@ async fn a_gap_in_sweeping_gives_every_lease_a_full_term(store: &Store) {
     let announcement =
         AgentAnnouncement { gossip_addr: "10.0.0.1:7302".into(), http_addr: "10.0.0.1:7301".into(), zone: None, ttl_s: Some(3) };
     store.announce_agent("node-a", &announcement, T0).await.expect("announce");
+    // node-gone's announcement lapsed at T0, before the last sweep: dead before the gap.
+    let gone = AgentAnnouncement { ttl_s: Some(1), ..announcement.clone() };
+    store.announce_agent("node-gone", &gone, T0 - 1000).await.expect("announce");
     sweep_each_second(store, &gap_policy(), 1000, 1000).await;
     // The registry is down from 1 s to 20 s: short's lease ran out at 2 s, unseen.
     let report = store.sweep(&gap_policy(), T0 + 20_000, true).await.expect("sweep");
@@ -67,8 +70,11 @@ async fn a_gap_in_sweeping_gives_every_lease_a_full_term(store: &Store) {
     assert_eq!((short.health, short.lease_expires_at.timestamp_millis()), (Health::Passing, T0 + 22_000), "a full term from now");
     let long = store.instance("long").await.expect("get").expect("kept");
     assert_eq!(long.lease_expires_at.timestamp_millis(), T0 + 320_000, "every live lease");
-    let agent = store.agents(T0 + 20_000).await.expect("agents").pop().expect("node-a");
+    let agents = store.agents(T0 + 20_000).await.expect("agents");
+    let agent = agents.iter().find(|a| a.node == "node-a").expect("node-a");
     assert_eq!(agent.lease_expires_at.timestamp_millis(), T0 + 23_000, "an agent's lease too");
+    let gone = agents.iter().find(|a| a.node == "node-gone").expect("node-gone");
+    assert_eq!((gone.alive, gone.lease_expires_at.timestamp_millis()), (false, T0), "an agent dead before the gap stays dead");
     assert_eq!(agent.renewed_at.map(|t| t.timestamp_millis()), Some(T0), "a lease the sweeper gives is no renewal");
     // A heartbeat within the new term keeps it; without one it lapses as usual.
     assert!(sweep_each_second(store, &gap_policy(), 21_000, 21_000).await.is_empty());

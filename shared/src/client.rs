@@ -59,6 +59,9 @@ impl ClientConfig {
     }
 }
 
+/// The longest `Retry-After` the client honours (a larger one is taken as this).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
 /// Why a registry call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -69,6 +72,9 @@ pub enum ClientError {
         status: StatusCode,
         /// The error body.
         body: ErrorBody,
+        /// How long the registry asked the caller to wait before trying again (its
+        /// `Retry-After`, in seconds, at most [`MAX_RETRY_AFTER`]).
+        retry_after: Option<Duration>,
     },
     /// No configured registry could be reached (the message carries every cause, e.g. a
     /// certificate that does not verify).
@@ -105,6 +111,14 @@ impl ClientError {
     pub fn status(&self) -> Option<StatusCode> {
         match self {
             ClientError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// How long the registry asked the caller to wait before trying again, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ClientError::Status { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -222,19 +236,22 @@ impl RegistryClient {
     }
 
     /// `PUT /v1/instances/{id}/heartbeat`; a 404 means: register again.
-    pub async fn heartbeat(&self, id: &str, heartbeat: &Heartbeat) -> Result<Instance, ClientError> {
-        self.json(Method::PUT, &["v1", "instances", id, "heartbeat"], vec![], Some(heartbeat)).await.map(|(_, i)| i)
+    /// `owner` names the calling agent: an instance that is another node's now (it was moved)
+    /// is then not found, and the agent registers it again (and learns of the move).
+    pub async fn heartbeat(&self, id: &str, heartbeat: &Heartbeat, owner: Option<&str>) -> Result<Instance, ClientError> {
+        self.json(Method::PUT, &["v1", "instances", id, "heartbeat"], node_query(owner), Some(heartbeat)).await.map(|(_, i)| i)
     }
 
     /// `PUT /v1/instances/{id}/maintenance`.
-    pub async fn maintenance(&self, id: &str, maintenance: &Maintenance) -> Result<Instance, ClientError> {
-        self.json(Method::PUT, &["v1", "instances", id, "maintenance"], vec![], Some(maintenance)).await.map(|(_, i)| i)
+    /// `owner` names the calling agent, which may only change its own instances.
+    pub async fn maintenance(&self, id: &str, maintenance: &Maintenance, owner: Option<&str>) -> Result<Instance, ClientError> {
+        self.json(Method::PUT, &["v1", "instances", id, "maintenance"], node_query(owner), Some(maintenance)).await.map(|(_, i)| i)
     }
 
     /// `DELETE /v1/instances/{id}`.
     /// `owner` names the calling agent, which may remove its own instances while it is alive.
     pub async fn deregister(&self, id: &str, owner: Option<&str>) -> Result<(), ClientError> {
-        let query = owner.map(|node| vec![("node", node.to_string())]).unwrap_or_default();
+        let query = node_query(owner);
         let call = Call {
             method: Method::DELETE,
             segments: &["v1", "instances", id],
@@ -349,7 +366,13 @@ impl RegistryClient {
             .with_max_delay(self.config.max_backoff)
             .with_max_times(self.config.retries)
             .with_jitter();
-        (|| self.send_once_everywhere(&call)).retry(backoff).when(ClientError::is_retryable).await
+        (|| self.send_once_everywhere(&call))
+            .retry(backoff)
+            .when(ClientError::is_retryable)
+            // A registry that asked for a pause (`Retry-After`, e.g. at its blocking-query cap)
+            // gets at least that: callers refused together do not come back as a herd.
+            .adjust(|e, delay| delay.map(|delay| delay.max(e.retry_after().unwrap_or_default())))
+            .await
     }
 
     /// One try at every URL, starting with the preferred one.
@@ -419,14 +442,24 @@ impl RegistryClient {
             }
             return Ok(Answer { url: url_text, status, body: Some(chunks), etag });
         }
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+            .map(|seconds| Duration::from_secs(seconds).min(MAX_RETRY_AFTER));
         let bytes = response.bytes().await.map_err(unreachable)?;
         let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| ErrorBody {
             error: "unexpected_answer".into(),
             message: String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned(),
             problems: vec![],
         });
-        Err(ClientError::Status { status, body })
+        Err(ClientError::Status { status, body, retry_after })
     }
+}
+
+/// `node=owner`, when an agent acts for its own node.
+fn node_query(owner: Option<&str>) -> Vec<(&'static str, String)> {
+    owner.map(|node| vec![("node", node.to_string())]).unwrap_or_default()
 }
 
 /// The answer's `X-Signpost-Index` header.

@@ -258,8 +258,24 @@ pub fn etag_matches(if_none_match: &str, etag: &str) -> bool {
     if_none_match.split(',').map(str::trim).any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag)
 }
 
+/// Whether an `If-None-Match` header names a catalog tag of the `catalog_etag` form (with
+/// its history), as opposed to the bare `"index"` tag an agent built before the history tags sends: only a
+/// tag of this form tells that the caller holds another history.
+pub fn names_catalog_history(if_none_match: &str) -> bool {
+    if_none_match.split(',').map(str::trim).any(|tag| tag.strip_prefix("W/").unwrap_or(tag).splitn(3, '-').count() == 3)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_tags_of_the_epoch_form_name_a_history() {
+        assert!(names_catalog_history(&catalog_etag(1, 2, 3)));
+        assert!(names_catalog_history(&format!("W/{}", catalog_etag(1, 2, 3))));
+        for header in ["\"12\"", "*", "", "W/\"3\""] {
+            assert!(!names_catalog_history(header), "{header}");
+        }
+    }
+
     #[test]
     fn if_none_match_names_the_catalog_version() {
         let etag = catalog_etag(0xab, 12, 7);

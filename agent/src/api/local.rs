@@ -48,12 +48,13 @@ pub fn add_service(state: Arc<AgentState>, body: Result<Body, ApiError>) -> Resu
 }
 
 /// The node other than this one that owns instance `id` and is alive (in gossip, or by its
-/// announcement at the registry), if any: the registry would refuse the id (409).
+/// announcement at the registry while the registry's feed answers: a saved or stale page
+/// proves nothing), if any: the registry would refuse the id (409).
 fn live_owner_elsewhere(state: &AgentState, id: &str) -> Option<String> {
     let snapshot = state.cache.snapshot();
     let owner = snapshot.instances().find(|i| i.id == id)?.node.clone().filter(|node| *node != state.node)?;
     let in_gossip = snapshot.members.iter().any(|m| m.node == owner && m.state == "alive");
-    let announced = state.cache.registry().agents.iter().any(|a| a.node == owner && a.alive);
+    let announced = snapshot.feed_live && state.cache.registry().agents.iter().any(|a| a.node == owner && a.alive);
     (in_gossip || announced).then_some(owner)
 }
 

@@ -10,18 +10,31 @@ use warp::Reply as _;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::request::{Body, only_param};
 use super::{AppState, json, with_index};
-use crate::store::{Deregistered, Registered};
+use crate::store::{Deregistered, Registered, StoreError};
 
-/// The `node` query parameter of a deregistration: the owner agent removing its own instance.
-fn owner_node(raw_query: &str) -> Result<Option<String>, ApiError> {
+/// The `node` query parameter of a heartbeat, a maintenance change or a deregistration: the
+/// agent that sends it, acting for its own instance. A node-bound token may only name its node.
+fn named_node(caller: &Caller, raw_query: &str) -> Result<Option<String>, ApiError> {
     let node = only_param(raw_query, "node")?.pop();
     if let Some(node) = &node {
         validate::node_name(node).map_err(|p| ApiError::bad_request("invalid_query", format!("node: {p}")))?;
     }
+    if let (Some(own), Some(named)) = (caller.bound_node(), node.as_deref())
+        && own != named
+    {
+        return Err(ApiError::Forbidden(format!("this agent token belongs to node `{own}`, not `{named}`")));
+    }
     Ok(node)
+}
+
+/// The node whose instances the caller may renew or put in maintenance: its token's node, or
+/// the node it names (None: any).
+fn acting_node(caller: &Caller, raw_query: &str) -> Result<Option<String>, ApiError> {
+    Ok(named_node(caller, raw_query)?.or_else(|| caller.bound_node().map(str::to_string)))
 }
 
 /// The query of a registration: `move=true` lets the admin move an id to another node.
@@ -69,22 +82,28 @@ pub async fn get(state: Arc<AppState>, authorization: Option<String>, id: String
     Ok(json(StatusCode::OK, &instance))
 }
 
-/// Renews the lease; 404 tells the caller to register again.
+/// Renews the lease; 404 tells the caller to register again, also when the id is another
+/// node's now (it was moved): registering again tells the agent so (409).
 pub async fn heartbeat(
     state: Arc<AppState>,
     authorization: Option<String>,
     id: String,
+    raw_query: String,
     body: Result<Body, ApiError>,
 ) -> Result<Response, ApiError> {
     let caller = state.auth.check_instance_writer(authorization.as_deref())?;
     checked_id(&id)?;
+    let node = acting_node(&caller, &raw_query)?;
     let heartbeat: Heartbeat = body?.json_or_default()?;
     heartbeat.validate()?;
-    let instance = state
-        .store
-        .heartbeat(&id, &heartbeat, state.store.now_ms(), caller.bound_node())
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no instance `{id}`; register it again")))?;
+    let instance = match state.store.heartbeat(&id, &heartbeat, state.store.now_ms(), node.as_deref()).await {
+        Ok(Some(instance)) => instance,
+        Ok(None) => return Err(ApiError::NotFound(format!("no instance `{id}`; register it again"))),
+        Err(StoreError::NotOwner { owner, .. }) => {
+            return Err(ApiError::NotFound(format!("node `{owner}` has no instance `{id}` (it is another node's); register it again")));
+        }
+        Err(e) => return Err(e.into()),
+    };
     Ok(json(StatusCode::OK, &instance))
 }
 
@@ -94,15 +113,17 @@ pub async fn maintenance(
     state: Arc<AppState>,
     authorization: Option<String>,
     id: String,
+    raw_query: String,
     body: Result<Body, ApiError>,
 ) -> Result<Response, ApiError> {
     let caller = state.auth.check_instance_writer(authorization.as_deref())?;
     checked_id(&id)?;
+    let node = acting_node(&caller, &raw_query)?;
     let maintenance: Maintenance = body?.json()?;
     maintenance.validate()?;
     let instance = state
         .store
-        .set_maintenance(&id, &maintenance, state.store.now_ms(), caller.bound_node())
+        .set_maintenance(&id, &maintenance, state.store.now_ms(), node.as_deref())
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no instance `{id}`")))?;
     tracing::info!(instance = %id, enabled = maintenance.enabled, "maintenance changed");
@@ -113,12 +134,7 @@ pub async fn maintenance(
 pub async fn deregister(state: Arc<AppState>, authorization: Option<String>, id: String, raw_query: String) -> Result<Response, ApiError> {
     let token = state.auth.check_instance_writer(authorization.as_deref())?;
     checked_id(&id)?;
-    let caller = owner_node(&raw_query)?;
-    if let (Some(own), Some(named)) = (token.bound_node(), caller.as_deref())
-        && own != named
-    {
-        return Err(ApiError::Forbidden(format!("this agent token belongs to node `{own}`, not `{named}`")));
-    }
+    let caller = named_node(&token, &raw_query)?;
     match state.store.deregister(&id, caller.as_deref(), state.store.now_ms(), token.bound_node()).await? {
         Deregistered::Removed => {
             tracing::info!(instance = %id, "deregistered");

@@ -54,8 +54,9 @@ pub async fn catalog(
     let query = ReadQuery::parse(&raw_query, &["index", "wait"])?;
     // A caller whose copy carries this index but another tag holds a catalog of another
     // history (the database was restored and climbed back to the index): it must not wait.
+    // An older agent's bare `"index"` tag names no history: it waits as it always did.
     let other_history = match (query.index, if_none_match.as_deref()) {
-        (Some(index), Some(header)) => {
+        (Some(index), Some(header)) if signpost_shared::wire::names_catalog_history(header) => {
             let current = state.cache.get().await?;
             current.index == index && !signpost_shared::wire::etag_matches(header, &current.etag())
         }

@@ -109,14 +109,16 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
         .and(warp::put())
         .and(s())
         .and(authorization())
+        .and(raw_query())
         .and(body(state.max_body_bytes))
-        .then(|id, st, auth, body| async move { respond(instances::heartbeat(st, auth, id, body).await) });
+        .then(|id, st, auth, q, body| async move { respond(instances::heartbeat(st, auth, id, q, body).await) });
     let maintenance = warp::path!("v1" / "instances" / String / "maintenance")
         .and(warp::put())
         .and(s())
         .and(authorization())
+        .and(raw_query())
         .and(body(state.max_body_bytes))
-        .then(|id, st, auth, body| async move { respond(instances::maintenance(st, auth, id, body).await) });
+        .then(|id, st, auth, q, body| async move { respond(instances::maintenance(st, auth, id, q, body).await) });
     let services = warp::path!("v1" / "services")
         .and(warp::get())
         .and(s())

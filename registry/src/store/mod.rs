@@ -443,7 +443,7 @@ impl Store {
              SELECT 1, COALESCE(MAX(known), 0) + 1, FALSE, $1, (SELECT COUNT(*) FROM instances) FROM \
              (SELECT MAX(change_index) AS known FROM instances UNION ALL SELECT MAX(change_index) FROM agents) AS stored \
              WHERE TRUE ON CONFLICT (id) DO NOTHING RETURNING change_index";
-        let epoch = i64::try_from(rand::random::<u64>() & MAX_EPOCH).unwrap_or_default();
+        let epoch = random_epoch();
         let recreated: Option<i64> = with_pool!(self, pool => sqlx::query_scalar(RECREATE).bind(epoch).fetch_optional(pool).await)?;
         if let Some(index) = recreated {
             tracing::warn!(index, "the catalog_state row was missing; recreated it at an index above every stored change");
@@ -669,11 +669,7 @@ impl Store {
         owner: Option<&str>,
         move_allowed: bool,
     ) -> Result<(), StoreError> {
-        if let Some(owner) = owner
-            && row.node.as_deref() != Some(owner)
-        {
-            return Err(StoreError::NotOwner { id: spec.id.clone(), node: row.node.clone(), owner: owner.to_string() });
-        }
+        ensure_owner(&spec.id, row.node.as_deref(), owner)?;
         match &row.node {
             Some(node) if !move_allowed && spec.node.as_deref() != Some(node.as_str()) => {
                 let alive = self.agent_row(node).await?.is_some_and(|agent| agent.alive(now_ms));
@@ -735,11 +731,7 @@ impl Store {
         let Some((_, node)) = exists else {
             return Ok(None); // do not take the index lock for an unknown id
         };
-        if let Some(owner) = owner
-            && node.as_deref() != Some(owner)
-        {
-            return Err(StoreError::NotOwner { id: id.to_string(), node, owner: owner.to_string() });
-        }
+        ensure_owner(id, node.as_deref(), owner)?;
         let changed: Option<(InstanceRow, i64)> = with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             let index: i64 = sqlx::query_scalar(BUMP_INDEX).fetch_one(&mut *tx).await?;
@@ -823,11 +815,7 @@ impl Store {
         let Some(existing) = self.instance_row(id).await? else {
             return Ok(None);
         };
-        if let Some(owner) = owner
-            && existing.node.as_deref() != Some(owner)
-        {
-            return Err(StoreError::NotOwner { id: id.to_string(), node: existing.node, owner: owner.to_string() });
-        }
+        ensure_owner(id, existing.node.as_deref(), owner)?;
         let reason = if maintenance.enabled { maintenance.reason.clone() } else { None };
         if existing.maintenance == maintenance.enabled && existing.maintenance_reason == reason {
             return existing.into_instance().map(Some);
@@ -877,11 +865,7 @@ impl Store {
         let Some(row) = self.instance_row(id).await? else {
             return Ok(Deregistered::NotFound);
         };
-        if let Some(owner) = owner
-            && row.node.as_deref() != Some(owner)
-        {
-            return Err(StoreError::NotOwner { id: id.to_string(), node: row.node, owner: owner.to_string() });
-        }
+        ensure_owner(id, row.node.as_deref(), owner)?;
         if let Some(node) = &row.node
             && caller_node != Some(node.as_str())
             && let Some(agent) = self.agent_row(node).await?
@@ -1029,7 +1013,7 @@ impl Store {
     /// may hold: the database was restored or replaced under a running registry, so clients'
     /// copies are of another history and must be taken again whole.
     pub async fn new_epoch(&self) -> Result<u64, StoreError> {
-        let epoch = i64::try_from(rand::random::<u64>() & MAX_EPOCH).unwrap_or_default();
+        let epoch = random_epoch();
         let index: i64 = with_pool!(self, pool => sqlx::query_scalar(
             "UPDATE catalog_state SET epoch = $1, change_index = change_index + 1 WHERE id = 1 RETURNING change_index")
             .bind(epoch)
@@ -1068,8 +1052,17 @@ impl Store {
     /// and restarts the grace period of the instances already critical, since nobody saw
     /// them critical meanwhile.
     pub async fn sweep(&self, policy: &SweepPolicy, now_ms: i64, hold_allowed: bool) -> Result<SweepReport, StoreError> {
-        let swept_at: Option<i64> =
-            with_pool!(self, pool => sqlx::query_scalar("SELECT swept_at FROM sweeper_state WHERE id = 1").fetch_one(pool).await)?;
+        let row: Option<Option<i64>> =
+            with_pool!(self, pool => sqlx::query_scalar("SELECT swept_at FROM sweeper_state WHERE id = 1").fetch_optional(pool).await)?;
+        let swept_at = match row {
+            Some(swept_at) => swept_at,
+            None => {
+                // Deleted by hand or lost in a partial restore: recreated, and taken as a gap.
+                tracing::warn!("the sweeper_state row was missing; recreated it and resuming as after a gap");
+                self.ensure_state_row().await?;
+                None
+            }
+        };
         let gap_ms = i64::try_from(policy.gap_after.as_millis()).unwrap_or(i64::MAX);
         let gap = match swept_at {
             Some(at) if now_ms.saturating_sub(at) <= gap_ms => None,
@@ -1077,7 +1070,7 @@ impl Store {
             None => Some(Duration::ZERO),
         };
         if let Some(gap) = gap {
-            return self.resume_after_gap(now_ms, gap).await;
+            return self.resume_after_gap(now_ms, gap, swept_at).await;
         }
         with_pool!(self, pool => sqlx::query("UPDATE sweeper_state SET swept_at = $1 WHERE id = 1")
             .bind(now_ms)
@@ -1157,10 +1150,12 @@ impl Store {
         Ok(report)
     }
 
-    /// The first sweep after a gap of `gap` (zero: no sweep ever ran): every live lease, of
-    /// instances and of agents, runs at least a full term from now; instances already
-    /// critical start their grace period again. Nothing is expired or removed.
-    async fn resume_after_gap(&self, now_ms: i64, gap: Duration) -> Result<SweepReport, StoreError> {
+    /// The first sweep after a gap of `gap` (zero: no sweep ever ran) since the last one at
+    /// `last_swept` (if any): every live lease, of instances and of agents, runs at least a
+    /// full term from now; instances already critical start their grace period again.
+    /// Nothing is expired or removed. An agent whose lease had already lapsed at the last
+    /// sweep was dead before the gap and stays so.
+    async fn resume_after_gap(&self, now_ms: i64, gap: Duration, last_swept: Option<i64>) -> Result<SweepReport, StoreError> {
         let (extended, restarted): (u64, u64) = with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             let extended = sqlx::query(
@@ -1175,8 +1170,11 @@ impl Store {
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-            sqlx::query("UPDATE agents SET lease_expires_at = $1 + ttl_s * 1000 WHERE lease_expires_at < $1 + ttl_s * 1000")
+            sqlx::query(
+                "UPDATE agents SET lease_expires_at = $1 + ttl_s * 1000 \
+                 WHERE lease_expires_at < $1 + ttl_s * 1000 AND lease_expires_at >= $2")
                 .bind(now_ms)
+                .bind(last_swept.unwrap_or(i64::MIN))
                 .execute(&mut *tx)
                 .await?;
             sqlx::query("UPDATE sweeper_state SET swept_at = $1 WHERE id = 1").bind(now_ms).execute(&mut *tx).await?;
@@ -1194,6 +1192,22 @@ impl Store {
             ..SweepReport::default()
         })
     }
+}
+
+/// Refuses a write of instance `id`, of `node`, by a caller bound to node `owner` (if any)
+/// that is not its node.
+fn ensure_owner(id: &str, node: Option<&str>, owner: Option<&str>) -> Result<(), StoreError> {
+    match owner {
+        Some(owner) if node != Some(owner) => {
+            Err(StoreError::NotOwner { id: id.to_string(), node: node.map(str::to_string), owner: owner.to_string() })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A new epoch: random, and exact as a JSON number (53 bits).
+fn random_epoch() -> i64 {
+    i64::try_from(rand::random::<u64>() & MAX_EPOCH).unwrap_or_default()
 }
 
 fn to_u64(value: i64) -> u64 {
