@@ -110,11 +110,15 @@ impl Syncer {
         // A local change came while calls ran, which the pass it started skipped: the pass
         // after each of them ends takes it (a health change is not left for a period).
         let mut changed_during_calls = false;
+        // A call came back with an answer of the registry since the last pass.
+        let mut answered = false;
         loop {
             if Instant::now() >= next_pass {
                 // How the calls since the last pass went decides the pace of the next ones.
+                let answered_since = std::mem::take(&mut answered);
                 match (first_error.take(), failing) {
-                    (None, true) => {
+                    // Calls still running say nothing yet: reachable again once one answered.
+                    (None, true) if answered_since => {
                         tracing::info!(url = %self.client.current_url(), "registry reachable again; local services are registered");
                         failing = false;
                     }
@@ -145,8 +149,11 @@ impl Syncer {
                     match done {
                         Ok((id, (call, result))) => {
                             running.remove(&id);
-                            if let Err(e) = self.apply(call, result) {
-                                first_error.get_or_insert(e);
+                            match self.apply(call, result) {
+                                Ok(()) => answered = true,
+                                Err(e) => {
+                                    first_error.get_or_insert(e);
+                                }
                             }
                         }
                         Err(e) => {

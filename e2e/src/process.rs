@@ -279,7 +279,8 @@ pub fn signal(pid: u32, name: &str) {
 /// Sends a signal by name to the process group led by `leader` (spawned with
 /// `process_group(0)`): the binary and any wrapper around it.
 fn signal_group(leader: u32, name: &str) {
-    let _ = Command::new("kill").args([&format!("-{name}"), "--", &format!("-{leader}")]).status();
+    // The group may be gone already (the process was killed before): nothing to say then.
+    let _ = Command::new("kill").args([&format!("-{name}"), "--", &format!("-{leader}")]).stderr(Stdio::null()).status();
 }
 
 /// Settings for an agent process.

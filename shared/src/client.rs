@@ -168,6 +168,10 @@ struct Call<'a> {
     /// The catalog the caller already holds: an answer with its tag (or, when it has none,
     /// at its index) is read off the connection and dropped, not kept.
     held: Option<HeldCatalog<'a>>,
+    /// Whether a call that fails everywhere is tried again here (with back-off, and at
+    /// least the `Retry-After` asked for); a blocking query is not: its caller follows the
+    /// catalog in a loop of its own, and learns at once that the registry does not answer.
+    retry: bool,
 }
 
 /// The catalog a caller of the feed holds: its index, and the `ETag` the registry sent with it.
@@ -259,6 +263,7 @@ impl RegistryClient {
             body: None,
             timeout: self.config.timeout,
             held: None,
+            retry: true,
         };
         self.send(call).await.map(|_| ())
     }
@@ -325,7 +330,7 @@ impl RegistryClient {
             query.push(("wait", format!("{}ms", wait.as_millis())));
             timeout += wait;
         }
-        Call { method: Method::GET, segments: &["v1", "catalog"], query, body: None, timeout, held }
+        Call { method: Method::GET, segments: &["v1", "catalog"], query, body: None, timeout, held, retry: wait.is_none() }
     }
 
     /// `PUT /v1/agents/{node}`.
@@ -354,13 +359,16 @@ impl RegistryClient {
     ) -> Result<(StatusCode, T), ClientError> {
         let body =
             body.map(serde_json::to_vec).transpose().map_err(|e| ClientError::Build(format!("cannot encode the request body: {e}")))?;
-        let call = Call { method, segments, query, body, timeout: self.config.timeout, held: None };
+        let call = Call { method, segments, query, body, timeout: self.config.timeout, held: None, retry: true };
         let answer = self.send(call).await?;
         Ok((answer.status, decode(&answer.url, &answer.body.unwrap_or_default(), PhantomData)?))
     }
 
     /// Sends `call`, failing over between URLs and retrying with back-off.
     async fn send(&self, call: Call<'_>) -> Result<Answer, ClientError> {
+        if !call.retry {
+            return self.send_once_everywhere(&call).await;
+        }
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.config.min_backoff)
             .with_max_delay(self.config.max_backoff)
