@@ -68,12 +68,23 @@ pub enum Refusal {
     /// Authentic, but not a chitchat envelope this agent can read.
     #[error("malformed")]
     Malformed,
+    /// A reply (SynAck, Ack, BadCluster) to nothing this agent sent to that address, or a
+    /// second one: see [`crate::gossip_replies`].
+    #[error("unsolicited")]
+    Unsolicited,
 }
 
 impl Refusal {
     /// Every reason, for metrics.
-    pub const ALL: [Refusal; 6] =
-        [Refusal::Truncated, Refusal::Oversized, Refusal::Unauthenticated, Refusal::Stale, Refusal::Replayed, Refusal::Malformed];
+    pub const ALL: [Refusal; 7] = [
+        Refusal::Truncated,
+        Refusal::Oversized,
+        Refusal::Unauthenticated,
+        Refusal::Stale,
+        Refusal::Replayed,
+        Refusal::Malformed,
+        Refusal::Unsolicited,
+    ];
 
     /// The metric label.
     pub fn label(self) -> &'static str {
@@ -84,6 +95,7 @@ impl Refusal {
             Refusal::Stale => "stale",
             Refusal::Replayed => "replayed",
             Refusal::Malformed => "malformed",
+            Refusal::Unsolicited => "unsolicited",
         }
     }
 }

@@ -1,8 +1,9 @@
 //! The UDP transport under chitchat: a socket with a receive buffer large enough for
 //! chitchat's bursts of large datagrams (the kernel's default drops them, and dropped
 //! datagrams make live peers look dead), and, when the cluster has a key, every datagram
-//! sealed and opened by [`crate::gossip_seal`]. Whatever does not open is dropped, counted
-//! by reason and never reaches chitchat.
+//! sealed and opened by [`crate::gossip_seal`]. Whatever does not open, and any reply that
+//! answers nothing this agent sent ([`crate::gossip_replies`]), is dropped, counted by reason
+//! and never reaches chitchat.
 
 use std::io;
 use std::net::SocketAddr;
@@ -16,6 +17,7 @@ use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport};
 use socket2::{Domain, Protocol, Type};
 
 use crate::gossip_key::{Keyring, SharedKeyring};
+use crate::gossip_replies::{Kind, Replies};
 use crate::gossip_seal::{self, Opener, Refusal, Sealer};
 use crate::metrics::Metrics;
 
@@ -65,6 +67,7 @@ impl Transport for GossipTransport {
             recv: vec![0; RECV_LEN].into_boxed_slice(),
             metrics: self.metrics.clone(),
             warned: Vec::new(),
+            replies: Replies::default(),
         }))
     }
 }
@@ -110,6 +113,7 @@ struct GossipSocket {
     recv: Box<[u8]>,
     metrics: Arc<Metrics>,
     warned: Vec<(Refusal, Instant)>,
+    replies: Replies,
 }
 
 /// Errors after which the socket still works (e.g. an ICMP error from a peer that left).
@@ -172,6 +176,7 @@ impl Socket for GossipSocket {
             }
         };
         anyhow::ensure!(!datagram.is_empty(), "a gossip datagram could not be sealed");
+        self.replies.sent(to, Kind::of(&envelope.message), Instant::now());
         let num_bytes_sent = self.socket.send_to(datagram, to).await.context("failed to send a gossip datagram")?;
         self.metrics.gossip_sent(num_bytes_sent);
         Ok(SendOutcome { num_bytes_sent })
@@ -190,7 +195,10 @@ impl Socket for GossipSocket {
             };
             self.metrics.gossip_received(len);
             match open(&mut self.mode, &mut self.recv[..len]) {
-                Ok(envelope) => return Ok(RecvOutcome { from_addr, envelope, num_bytes_received: len }),
+                Ok(envelope) if self.replies.admit(from_addr, Kind::of(&envelope.message), Instant::now()) => {
+                    return Ok(RecvOutcome { from_addr, envelope, num_bytes_received: len });
+                }
+                Ok(_) => self.refused(from_addr, len, Refusal::Unsolicited),
                 Err(refusal) => self.refused(from_addr, len, refusal),
             }
         }

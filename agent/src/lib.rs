@@ -23,6 +23,7 @@ pub mod evidence;
 pub mod feed;
 pub mod gossip;
 pub mod gossip_key;
+pub mod gossip_replies;
 pub mod gossip_seal;
 pub mod gossip_transport;
 pub mod liveness;

@@ -403,6 +403,14 @@ impl DeltaBuilder {
                 let Some(current_node_delta) = self.current_node_delta.as_mut() else {
                     anyhow::bail!("received a key-value op without a node op before.");
                 };
+                // Signpost patch 4: a peer's delta whose max version is below one of its
+                // own key-values would trip the assert in `NodeState::apply_delta`; it is
+                // refused here, with the datagram.
+                anyhow::ensure!(
+                    current_node_delta.max_version <= max_version,
+                    "max version {max_version} below the delta's key-value version {}",
+                    current_node_delta.max_version
+                );
                 current_node_delta.max_version = max_version;
             }
         }
@@ -435,7 +443,8 @@ const BLOCK_THRESHOLD: u16 = 16_384u16;
 
 impl DeltaSerializer {
     pub fn with_mtu(mtu: usize) -> Self {
-        assert!(mtu >= 100);
+        // Signpost patch 6: no `assert!(mtu >= 100)`: the digest beside the delta is bounded
+        // (`MAX_DIGEST_LEN`), and a serializer with too little room adds nothing.
         let block_threshold = u16::try_from((BLOCK_THRESHOLD as usize).min(mtu)).unwrap();
         DeltaSerializer {
             mtu,
@@ -455,6 +464,7 @@ impl DeltaSerializer {
             .compressed_stream_writer
             .serialized_len_upperbound_after(&delta_op)
             > self.mtu
+            || !self.compressed_stream_writer.fits_decompressed(&delta_op)
         {
             return false;
         }
@@ -502,6 +512,31 @@ mod tests {
 
     use super::*;
     use crate::types::DeletionStatus;
+
+    // Signpost patch 4: a SynAck whose delta sets a key-value above its own max version is
+    // refused when parsed (upstream: `assertion failed: node_delta.max_version >=
+    // self.max_version` in `apply_delta`, a panic of the gossip task).
+    #[test]
+    fn test_a_delta_below_its_own_key_values_is_refused() {
+        use crate::serialize::CompressedStreamWriter;
+        let node = ChitchatId::for_local_test(10_008);
+        let mut stream = CompressedStreamWriter::with_block_threshold(16_384);
+        for op in [
+            DeltaOp::Node { chitchat_id: node.clone(), last_gc_version: 0, from_version_excluded: 0 },
+            DeltaOp::KeyValue(KeyValueMutation {
+                key: "inst:x".into(),
+                value: "v".into(),
+                version: 5,
+                status: DeletionStatusMutation::Set,
+            }),
+            DeltaOp::SetMaxVersion { max_version: 1 },
+        ] {
+            stream.append(&op);
+        }
+        let bytes = stream.finish();
+        let error = Delta::deserialize(&mut &bytes[..]).expect_err("refused");
+        assert!(error.to_string().contains("below"), "{error}");
+    }
 
     #[test]
     fn test_delta_serialization_default() {

@@ -92,7 +92,41 @@ impl Digest {
     }
 }
 
+/// Signpost patch 6: the most bytes a digest may take in a message, half a datagram, so
+/// that a SynAck always has room for its delta. A cluster state with more nodes than fit
+/// (about 450 in the V0 format, or a peer that listed invented ones) sends a partial digest:
+/// its own node and a random sample of the others, a new sample each time.
+pub const MAX_DIGEST_LEN: usize = crate::MAX_UDP_DATAGRAM_PAYLOAD_SIZE / 2;
+
 impl Digest {
+    /// Signpost patch 6: this digest, or when it serializes to more than `max_len` bytes,
+    /// a partial one of `own` and a random sample of the other nodes that fits.
+    pub(crate) fn bounded(
+        mut self,
+        own: &ChitchatId,
+        protocol_version: ProtocolVersion,
+        max_len: usize,
+    ) -> Digest {
+        use rand::seq::SliceRandom;
+        let mut len = self.serialized_len(protocol_version);
+        while len > max_len && self.node_digests.len() > 1 {
+            let count = self.node_digests.len();
+            // Aim 10 % under the budget, fewer each try.
+            let keep = (count * max_len / len * 9 / 10).clamp(1, count - 1);
+            let own_digest = self.node_digests.remove(own);
+            let mut others: Vec<(ChitchatId, NodeDigest)> =
+                std::mem::take(&mut self.node_digests).into_iter().collect();
+            others.shuffle(&mut rand::rng());
+            others.truncate(keep.saturating_sub(usize::from(own_digest.is_some())));
+            self.node_digests = others.into_iter().collect();
+            if let Some(own_digest) = own_digest {
+                self.node_digests.insert(own.clone(), own_digest);
+            }
+            len = self.serialized_len(protocol_version);
+        }
+        self
+    }
+
     /// Serializes the digest using the wire format selected by `protocol_version`.
     pub(crate) fn serialize(&self, protocol_version: ProtocolVersion, buf: &mut Vec<u8>) {
         match protocol_version {

@@ -75,6 +75,13 @@ pub const TRANSPORT_RESERVED_LEN: usize = 128;
 /// Number of bytes left for a delta payload in a single reply datagram, once
 /// the message header and `reserved_len` bytes (e.g. a digest carried in the
 /// same message) are accounted for.
+/// Signpost patch 6: the most nodes one message may make known.
+pub const MAX_NEW_NODES_PER_MESSAGE: usize = 256;
+
+/// Signpost patch 6: the most nodes the cluster state holds (live, dead and not yet
+/// forgotten).
+pub const MAX_NODES: usize = 10_000;
+
 pub(crate) const fn delta_mtu(reserved_len: usize) -> usize {
     MAX_UDP_DATAGRAM_PAYLOAD_SIZE
         .saturating_sub(ChitchatEnvelope::HEADER_LEN)
@@ -94,6 +101,8 @@ pub struct Chitchat {
     previous_live_nodes: HashMap<ChitchatId, Version>,
     live_nodes_watcher_tx: watch::Sender<BTreeMap<ChitchatId, NodeState>>,
     live_nodes_watcher_rx: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
+    /// Signpost patch 6: nodes refused from peers' digests.
+    refused_nodes: u64,
 }
 
 impl Chitchat {
@@ -112,6 +121,7 @@ impl Chitchat {
             previous_live_nodes,
             live_nodes_watcher_tx,
             live_nodes_watcher_rx,
+            refused_nodes: 0,
         };
 
         let self_node_state = chitchat.self_node_state();
@@ -138,9 +148,29 @@ impl Chitchat {
     /// Digest contains important information about the list of members in
     /// the cluster.
     fn report_heartbeats_in_digest(&mut self, digest: &Digest) {
+        // Signpost patch 6: a message makes at most MAX_NEW_NODES_PER_MESSAGE nodes known,
+        // and the state holds at most MAX_NODES; a peer listing thousands of invented nodes
+        // neither fills memory nor overflows the next digest. The rest are refused (counted);
+        // a genuine node left out is learnt from a later message.
+        let mut new_nodes = 0;
         for (chitchat_id, node_digest) in &digest.node_digests {
+            if self.cluster_state.node_state(chitchat_id).is_none() {
+                if new_nodes >= MAX_NEW_NODES_PER_MESSAGE
+                    || self.cluster_state.num_nodes() >= MAX_NODES
+                {
+                    self.refused_nodes += 1;
+                    continue;
+                }
+                new_nodes += 1;
+            }
             self.report_heartbeat(chitchat_id, node_digest.heartbeat);
         }
+    }
+
+    /// Signpost patch 6: nodes a peer's digest named that were not taken (past
+    /// [`MAX_NEW_NODES_PER_MESSAGE`] in one message, or [`MAX_NODES`] in all), since start.
+    pub fn refused_nodes(&self) -> u64 {
+        self.refused_nodes
     }
 
     fn process_delta(&mut self, delta: Delta) {
@@ -465,8 +495,14 @@ impl Chitchat {
 
     /// Computes the node's digest.
     fn compute_digest(&self, scheduled_for_deletion_nodes: &HashSet<&ChitchatId>) -> Digest {
+        // Signpost patch 6: bounded, so that a message always fits a datagram.
         self.cluster_state
             .compute_digest(scheduled_for_deletion_nodes)
+            .bounded(
+                self.self_chitchat_id(),
+                self.config.protocol_version,
+                digest::MAX_DIGEST_LEN,
+            )
     }
 
     /// Subscribes a callback that will be called every time a key matching the supplied prefix
@@ -1598,9 +1634,51 @@ mod tests {
         };
         ack_envelope.serialize(&mut buf);
         assert!(buf.len() < MAX_UDP_DATAGRAM_PAYLOAD_SIZE);
-        let ChitchatMessage::SynAck { delta, .. } = ack_envelope.message else {
+        let ChitchatMessage::SynAck { delta, digest } = ack_envelope.message else {
             panic!("Expected SynAck, got {:?}", ack_envelope.message);
         };
-        assert_eq!(delta.node_deltas.len(), 4);
+        // Signpost patch 6: the digest is bounded to half a datagram (upstream sent it whole
+        // and left room for 4 node deltas), so the delta gets the other half.
+        assert!(digest.serialized_len(ProtocolVersion::V0) <= digest::MAX_DIGEST_LEN);
+        assert!(digest.node_digests.len() < 56, "a partial digest");
+        assert!(delta.node_deltas.len() > 4, "{}", delta.node_deltas.len());
     }
+
+    // Signpost patch 6: a SYN listing thousands of invented nodes makes at most
+    // MAX_NEW_NODES_PER_MESSAGE of them known, and the next digest still fits a datagram
+    // (upstream: `assertion failed: mtu >= 100` once the digest outgrew it).
+    #[tokio::test]
+    async fn test_invented_nodes_are_bounded_and_the_digest_still_fits() {
+        let config = ChitchatConfig::for_test(10_007);
+        let (_seed_addrs_rx, seed_addrs_tx) = watch::channel(Default::default());
+        let mut node = Chitchat::with_chitchat_id_and_seeds(config, seed_addrs_tx, Vec::new());
+        let invented = |round: usize, i: usize| ChitchatId {
+            node_id: Arc::from(format!("invented-{round}-{i}-{}", "x".repeat(40)).as_str()),
+            generation_id: 1,
+            gossip_advertise_addr: SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8], 7302)),
+        };
+        for round in 0..8 {
+            let mut digest = Digest::default();
+            for i in 0..1_400 {
+                digest.add_node(invented(round, i), Heartbeat(1), 0, 0);
+            }
+            let reply = node
+                .process_message(ChitchatMessage::Syn {
+                    cluster_id: node.config.cluster_id.clone(),
+                    digest,
+                })
+                .expect("a SynAck");
+            let mut buf = Vec::new();
+            ChitchatEnvelope { version: ProtocolVersion::V0, message: reply }.serialize(&mut buf);
+            assert!(buf.len() <= MAX_UDP_DATAGRAM_PAYLOAD_SIZE, "round {round}: {}", buf.len());
+        }
+        let known = node.cluster_state.num_nodes();
+        assert_eq!(known, 1 + 8 * MAX_NEW_NODES_PER_MESSAGE, "{known}");
+        assert_eq!(node.refused_nodes(), 8 * (1_400 - MAX_NEW_NODES_PER_MESSAGE) as u64);
+        let syn = node.create_syn_message();
+        let mut buf = Vec::new();
+        ChitchatEnvelope { version: ProtocolVersion::V0, message: syn }.serialize(&mut buf);
+        assert!(buf.len() <= MAX_UDP_DATAGRAM_PAYLOAD_SIZE / 2 + 64, "{}", buf.len());
+    }
+
 }

@@ -313,6 +313,8 @@ impl Deserializable for Heartbeat {
 /// This makes it possible to enforce a `mtu`.
 pub struct CompressedStreamWriter {
     output: Vec<u8>,
+    // bytes appended so far, before compression (Signpost patch 5).
+    uncompressed_len: usize,
     // temporary buffer used for block compression.
     uncompressed_block: Vec<u8>,
     // ongoing block being serialized.
@@ -326,6 +328,7 @@ impl CompressedStreamWriter {
         let output = Vec::with_capacity(block_threshold);
         CompressedStreamWriter {
             output,
+            uncompressed_len: 0,
             uncompressed_block: Vec::with_capacity(block_threshold * 2),
             compressed_block: Vec::with_capacity(block_threshold),
             block_threshold,
@@ -349,10 +352,17 @@ impl CompressedStreamWriter {
         }
     }
 
+    /// Whether appending `item` keeps the stream within [`MAX_DECOMPRESSED_LEN`] bytes
+    /// once decompressed (Signpost patch 5).
+    pub fn fits_decompressed<S: Serializable + ?Sized>(&self, item: &S) -> bool {
+        self.uncompressed_len + item.serialized_len() <= MAX_DECOMPRESSED_LEN
+    }
+
     /// Appends a new item to the stream. Items must be at most `u16::MAX` bytes long.
     pub fn append<S: Serializable + ?Sized>(&mut self, item: &S) {
         let item_len = item.serialized_len();
         assert!(item_len <= u16::MAX as usize);
+        self.uncompressed_len += item_len;
         item.serialize(&mut self.uncompressed_block);
         while self.uncompressed_block.len() > self.block_threshold {
             // time to flush our current block.
@@ -404,27 +414,35 @@ impl CompressedStreamWriter {
     }
 }
 
+/// Signpost patch 5: the most bytes a stream may decompress to. Without a bound, one
+/// datagram of many small zstd blocks expanded to hundreds of megabytes on the gossip task.
+/// The writer stops adding items before its stream would exceed it.
+pub const MAX_DECOMPRESSED_LEN: usize = 1 << 20;
+
 pub fn deserialize_stream<D: Deserializable>(buf: &mut &[u8]) -> anyhow::Result<Vec<D>> {
     let mut decompressed_data = Vec::new();
     let mut decompressed_buffer = vec![0; u16::MAX as usize];
     loop {
         let block_type = BlockType::deserialize(buf)?;
+        let room = MAX_DECOMPRESSED_LEN - decompressed_data.len();
         match block_type {
             BlockType::Compressed => {
                 let len = u16::deserialize(buf)? as usize;
                 let compressed_block_bytes = buf.get(..len).context(
                     "failed to download compressed stream (compressed block): buffer too short",
                 )?;
+                // A block that decompresses past the room left fails here, before it is kept.
                 let uncompressed_len = zstd::bulk::decompress_to_buffer(
                     compressed_block_bytes,
-                    &mut decompressed_buffer[..u16::MAX as usize],
+                    &mut decompressed_buffer[..room.min(u16::MAX as usize)],
                 )
-                .context("failed to decompress block")?;
+                .context("failed to decompress block (or it decompresses past the limit)")?;
                 buf.advance(len);
                 decompressed_data.extend_from_slice(&decompressed_buffer[..uncompressed_len]);
             }
             BlockType::Uncompressed => {
                 let len = u16::deserialize(buf)? as usize;
+                anyhow::ensure!(len <= room, "the stream decompresses past {MAX_DECOMPRESSED_LEN} bytes");
                 let block_bytes = buf.get(..len).context(
                     "failed to download compressed stream (uncompressed block): buffer too short",
                 )?;
@@ -495,6 +513,50 @@ mod tests {
     use rand::distr::Alphanumeric;
 
     use super::*;
+
+    // Signpost patch 5: a 64 KiB datagram of small zstd blocks, each expanding to 64 KiB,
+    // decompressed to about 200 MB; now the stream is refused past MAX_DECOMPRESSED_LEN.
+    #[test]
+    fn test_a_stream_decompressing_past_the_limit_is_refused() {
+        let zeros = vec![0u8; u16::MAX as usize];
+        let block = zstd::bulk::compress(&zeros, 19).unwrap();
+        let mut stream = Vec::new();
+        while stream.len() + block.len() + 4 < 65_000 {
+            BlockType::Compressed.serialize(&mut stream);
+            (block.len() as u16).serialize(&mut stream);
+            stream.extend_from_slice(&block);
+        }
+        BlockType::NoMoreBlocks.serialize(&mut stream);
+        let blocks = stream.len() / (block.len() + 3);
+        assert!(blocks * zeros.len() > 100 * MAX_DECOMPRESSED_LEN, "{blocks} blocks");
+        let error = deserialize_stream::<u8>(&mut &stream[..]).expect_err("refused");
+        assert!(error.to_string().contains("limit"), "{error}");
+        // Uncompressed blocks count too.
+        let mut stream = Vec::new();
+        for _ in 0..(MAX_DECOMPRESSED_LEN / 60_000 + 1) {
+            BlockType::Uncompressed.serialize(&mut stream);
+            60_000u16.serialize(&mut stream);
+            stream.extend_from_slice(&zeros[..60_000]);
+        }
+        BlockType::NoMoreBlocks.serialize(&mut stream);
+        assert!(deserialize_stream::<u8>(&mut &stream[..]).is_err());
+    }
+
+    // Signpost patch 5: the writer keeps its stream within the limit.
+    #[test]
+    fn test_the_writer_stops_at_the_limit() {
+        let mut writer = CompressedStreamWriter::with_block_threshold(16_384);
+        let item = "a".repeat(1_000);
+        let mut appended = 0;
+        while writer.fits_decompressed(item.as_str()) {
+            writer.append(item.as_str());
+            appended += 1;
+        }
+        assert_eq!(appended, MAX_DECOMPRESSED_LEN / item.serialized_len());
+        let bytes = writer.finish();
+        let items: Vec<String> = deserialize_stream(&mut &bytes[..]).expect("within the limit");
+        assert_eq!(items.len(), appended);
+    }
 
     #[test]
     fn test_serialize_bool() {
