@@ -3,6 +3,7 @@
 //! ports of their own with their logs in files, and `eventually`, which waits for a condition
 //! with a deadline instead of sleeping.
 
+pub mod gossip_craft;
 pub mod netns;
 pub mod postgres;
 pub mod process;

@@ -364,3 +364,30 @@ async fn a_blocking_lookup_at_the_agent_wakes_on_a_change() {
     })
     .await;
 }
+
+/// A web page in a browser on the agent's host that reaches the loopback API through a name of
+/// its own (DNS rebinding) sends that name as `Host`: refused, and nothing changes; the names
+/// and addresses a local client uses pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_another_host_name_is_refused() {
+    let agent = AgentBuilder::new("node-h", &[]).start().await;
+    let port = agent.addr.port();
+    let client = reqwest::Client::new();
+    let add = |host: String, port: u16| {
+        client.post(agent.at("/v1/agent/services")).header("host", host).json(&json!({"name": "web", "port": port})).send()
+    };
+    let refused = add(format!("evil.example:{port}"), 9001).await.expect("answered");
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    let body: Value = refused.json().await.expect("the contract's error body");
+    assert!(body["message"].as_str().is_some_and(|m| m.contains("evil.example")), "{body}");
+    let lookup = client.get(agent.at("/v1/services/web")).header("host", "evil.example").send().await.expect("answered");
+    assert_eq!(lookup.status(), StatusCode::FORBIDDEN, "reads too: the catalog is not for other sites");
+    let local: Value = get_json(&agent.at("/v1/agent")).await;
+    assert_eq!(local["services"], json!([]), "nothing was added");
+
+    for (host, service_port) in [(format!("localhost:{port}"), 9002), (format!("127.0.0.1:{port}"), 9003)] {
+        assert_eq!(add(host.clone(), service_port).await.expect("answered").status(), StatusCode::CREATED, "{host}");
+    }
+    let healthz = client.get(agent.at("/healthz")).header("host", "evil.example").send().await.expect("answered");
+    assert_eq!(healthz.status(), StatusCode::OK, "liveness is answered whatever the name");
+}

@@ -92,6 +92,48 @@ fn check_api_token(token: Option<&Secret>, header: Option<&str>) -> Result<(), A
     }
 }
 
+/// Refuses a request whose `Host` names neither a loopback name or address nor the address
+/// the API listens on, unless an API token is configured (a request then needs the token).
+/// A web page in a browser on this host can reach the loopback API through a name of its own
+/// that resolves to 127.0.0.1 (DNS rebinding); the browser then sends that name as `Host`,
+/// while every local client (curl, libraries, the agent's users) sends the address it used.
+fn check_host(listen: std::net::SocketAddr, token: Option<&Secret>, host: Option<&str>) -> Result<(), ApiError> {
+    let Some(host) = host else { return Ok(()) }; // no browser leaves it out
+    if token.is_some() {
+        return Ok(());
+    }
+    let name = host_name(host);
+    let allowed = match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback() || (!listen.ip().is_unspecified() && ip == listen.ip()),
+        Err(_) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".localhost")
+        }
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!(
+            "Host `{}` is not this agent: its API answers requests for localhost, a loopback address or {} (set api_token to serve other names)",
+            signpost_shared::validate::clip(host),
+            listen.ip()
+        )))
+    }
+}
+
+/// The name or address of a `Host` header, without its port (and an IPv6 address without
+/// its brackets).
+fn host_name(host: &str) -> &str {
+    let host = host.trim();
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if !name.contains(':') && port.chars().all(|c| c.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
 /// Every route, with error recovery.
 pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let s = || with_state(state.clone());
@@ -133,8 +175,15 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
     let members = warp::path!("v1" / "agent" / "members").and(warp::get()).and(s()).map(|st| respond(local::members(st)));
     let checks = warp::path!("v1" / "agent" / "checks").and(warp::get()).and(s()).map(|st| respond(local::checks(st)));
     let healthz = warp::path!("healthz").and(warp::get()).map(|| json(StatusCode::OK, &serde_json::json!({"status": "ok"})));
-    // With an API token, every other route first checks it: a refusal answers here, a good
-    // token rejects (not found) so the request goes on to its route.
+    // Every other route first checks the Host (no DNS rebinding from a browser) and, with
+    // an API token, the token: a refusal answers here; a request that passes is rejected
+    // (not found) here so that it goes on to its route.
+    let host_gate = s().and(warp::header::optional::<String>("host")).and_then(|st: State, host: Option<String>| async move {
+        match check_host(st.config.listen, st.config.api_token.as_ref(), host.as_deref()) {
+            Ok(()) => Err(warp::reject::not_found()),
+            Err(error) => Ok(respond(Err(error))),
+        }
+    });
     let gate = s().and(warp::header::optional::<String>("authorization")).and_then(|st: State, header: Option<String>| async move {
         match check_api_token(st.config.api_token.as_ref(), header.as_deref()) {
             Ok(()) => Err(warp::reject::not_found()),
@@ -152,6 +201,8 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
         response
     });
     healthz
+        .or(host_gate)
+        .unify()
         .or(gate)
         .unify()
         .or(services)
@@ -178,4 +229,26 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl Reply,), Error = Infa
         .unify()
         .recover(recover)
         .unify()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_hosts_or_the_listen_address_reach_a_tokenless_api() {
+        let loopback: std::net::SocketAddr = "127.0.0.1:7301".parse().expect("an address");
+        for host in ["localhost:7301", "LOCALHOST", "localhost.", "app.localhost:7301", "127.0.0.1:7301", "127.9.9.9", "[::1]:7301", "::1"]
+        {
+            assert!(check_host(loopback, None, Some(host)).is_ok(), "{host}");
+        }
+        for host in ["evil.example:7301", "evil.example", "localhost.evil.example", "10.0.0.5:7301", "[fe80::1]:7301", "0.0.0.0:7301", ""] {
+            assert!(check_host(loopback, None, Some(host)).is_err(), "{host}");
+        }
+        assert!(check_host(loopback, None, None).is_ok(), "no Host: not a browser");
+        let remote: std::net::SocketAddr = "10.0.0.5:7301".parse().expect("an address");
+        assert!(check_host(remote, None, Some("10.0.0.5:7301")).is_ok(), "the address it listens on");
+        let token = Secret::new("t".repeat(32));
+        assert!(check_host(loopback, Some(&token), Some("evil.example")).is_ok(), "a token guards it instead");
+    }
 }

@@ -1,0 +1,247 @@
+//! A hostile peer that sends hand-made chitchat datagrams over UDP to real agents, keyless
+//! and keyed (the attacker then holds the cluster key, as a compromised host would), cannot
+//! crash an agent or blow up its memory: a SynAck whose delta sets a key above its own max
+//! version (a remote assert in chitchat), a digest listing 2,800 invented nodes (the next
+//! digest outgrew the datagram: `assert!(mtu >= 100)`), and datagrams of zstd blocks that
+//! each expand to 64 KiB (about 130 MB per datagram). Each time the agent goes on answering
+//! and its peers go on seeing its instance passing. docs/security.md.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use signpost_agent::gossip_key::Keyring;
+use signpost_agent::gossip_seal::{Opener, Sealer, now_ms};
+use signpost_e2e::gossip_craft::{self, DigestEntry, NodeId, Op};
+use signpost_e2e::{Agent, AgentBuilder, eventually};
+use tokio::net::UdpSocket;
+
+const CLUSTER: &str = "signpost";
+const DROPPED: &str = "signpost_agent_gossip_dropped_total";
+
+/// The attacker: a UDP socket of its own and, on a keyed cluster, the key.
+struct Mallory {
+    socket: UdpSocket,
+    keyring: Option<Keyring>,
+}
+
+impl Mallory {
+    async fn new(key: Option<&str>) -> Mallory {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        Mallory { socket, keyring: key.map(|k| Keyring::parse(&[k]).expect("a key")) }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.socket.local_addr().expect("bound")
+    }
+
+    /// Its node identity, as it claims it in gossip.
+    fn id(&self) -> NodeId {
+        NodeId { name: "mallory".into(), generation: 1, addr: self.addr() }
+    }
+
+    async fn send(&self, to: SocketAddr, plain: &[u8]) {
+        let datagram = match &self.keyring {
+            None => plain.to_vec(),
+            Some(keyring) => {
+                let mut sealed = Vec::new();
+                Sealer::new(CLUSTER).seal(keyring, plain, now_ms(), &mut sealed);
+                sealed
+            }
+        };
+        self.socket.send_to(&datagram, to).await.expect("send");
+    }
+
+    /// Waits for a Syn from `from`, opening sealed datagrams with the key.
+    async fn wait_for_syn(&self, from: SocketAddr, within: Duration) {
+        let mut opener = Opener::new(CLUSTER);
+        let deadline = Instant::now() + signpost_e2e::patience(within);
+        let mut buf = vec![0u8; 70_000];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no Syn from {from} within {within:?}");
+            let Ok(Ok((len, sender))) = tokio::time::timeout(left, self.socket.recv_from(&mut buf)).await else { continue };
+            let plain: Vec<u8> = match &self.keyring {
+                None => buf[..len].to_vec(),
+                Some(keyring) => match opener.open(keyring, &mut buf[..len], now_ms()) {
+                    Ok(plain) => plain.to_vec(),
+                    Err(_) => continue,
+                },
+            };
+            if sender == from && gossip_craft::is_syn(&plain) {
+                return;
+            }
+        }
+    }
+}
+
+fn gossip_addr(agent: &Agent) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], agent.gossip_port))
+}
+
+/// The victim (one service) and an observer seeded with it, both keyed with `key` if any;
+/// returns them once the observer sees the victim's instance passing.
+async fn victim_and_observer(key: Option<&str>) -> (Agent, Agent) {
+    let keyed = |builder: AgentBuilder| match key {
+        Some(key) => builder.flag("gossip-key", key),
+        None => builder,
+    };
+    let victim = keyed(AgentBuilder::new("node-v", &[]).flag("service", "web:8080")).start().await;
+    let observer = keyed(AgentBuilder::new("node-o", &[]).flag("seed", gossip_addr(&victim).to_string())).start().await;
+    assert_passing_at(&observer, "the observer sees the victim's instance").await;
+    (victim, observer)
+}
+
+async fn assert_passing_at(observer: &Agent, what: &str) {
+    eventually(what, Duration::from_secs(20), || async {
+        observer.lookup("web").await?.iter().any(|(id, health)| id == "node-v-web-8080" && health == "passing").then_some(())
+    })
+    .await;
+}
+
+/// The victim is still running, answers, and its peer still sees its instance passing.
+async fn assert_unharmed(victim: &mut Agent, observer: &Agent) {
+    assert!(victim.is_running(), "the victim died; its log:\n{}", victim.log_text());
+    let health = reqwest::get(victim.at("/healthz")).await.expect("the victim answers").status();
+    assert!(health.is_success(), "{health}");
+    assert_passing_at(observer, "the observer still sees the victim's instance passing").await;
+    assert!(!victim.log_text().contains("panicked"), "a task of the victim panicked:\n{}", victim.log_text());
+}
+
+async fn dropped(agent: &Agent, reason: &str) -> f64 {
+    agent.metric(&format!("{DROPPED}{{reason=\"{reason}\"}}")).await.unwrap_or(0.0)
+}
+
+/// A key from `signpost-agent keygen`.
+fn keygen() -> String {
+    let out = std::process::Command::new(signpost_e2e::binary("signpost-agent")).arg("keygen").output().expect("run keygen");
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).expect("utf-8").trim().to_string()
+}
+
+/// Peak memory (VmHWM) of a process, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process's status");
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
+    line.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()).expect("a size in kB") * 1024
+}
+
+async fn a_synack_below_its_own_versions(key: Option<&str>) {
+    let (mut victim, observer) = victim_and_observer(key).await;
+    let mallory = Mallory::new(key).await;
+    let me = DigestEntry { node: mallory.id(), heartbeat: 1, last_gc_version: 0, max_version: 0 };
+    let poisoned = gossip_craft::syn_ack(
+        &[DigestEntry { heartbeat: 2, max_version: 5, ..me.clone() }],
+        &gossip_craft::delta(&[
+            Op::Node { node: mallory.id(), last_gc_version: 0, from_version: 0 },
+            Op::KeyValue { key: "inst:x".into(), value: "{}".into(), version: 5, deleted: false },
+            Op::SetMaxVersion(1),
+        ]),
+    );
+    // Sent unasked, it answers nothing the victim sent: dropped before chitchat.
+    mallory.send(gossip_addr(&victim), &poisoned).await;
+    eventually("the unasked SynAck is dropped", Duration::from_secs(10), || async {
+        (dropped(&victim, "unsolicited").await >= 1.0).then_some(())
+    })
+    .await;
+    // Mallory makes itself known (a Syn naming itself), waits to be asked, and answers.
+    mallory.send(gossip_addr(&victim), &gossip_craft::syn(CLUSTER, &[me])).await;
+    mallory.wait_for_syn(gossip_addr(&victim), Duration::from_secs(30)).await;
+    mallory.send(gossip_addr(&victim), &poisoned).await;
+    eventually("the poisoned SynAck is dropped as malformed", Duration::from_secs(10), || async {
+        (dropped(&victim, "malformed").await >= 1.0).then_some(())
+    })
+    .await;
+    assert_unharmed(&mut victim, &observer).await;
+}
+
+async fn thousands_of_invented_nodes(key: Option<&str>) {
+    let (mut victim, observer) = victim_and_observer(key).await;
+    let mallory = Mallory::new(key).await;
+    // Three datagrams of 1,200 invented nodes each (about 58 KB each).
+    for round in 0..3u32 {
+        let digest: Vec<DigestEntry> = (0..1_200u32)
+            .map(|i| DigestEntry {
+                node: NodeId {
+                    name: format!("g{round}-{i:04}"),
+                    generation: 1,
+                    addr: SocketAddr::from(([10, 77, (i / 200) as u8, (i % 200) as u8], 7302)),
+                },
+                heartbeat: 1,
+                last_gc_version: 0,
+                max_version: 0,
+            })
+            .collect();
+        mallory.send(gossip_addr(&victim), &gossip_craft::syn(CLUSTER, &digest)).await;
+    }
+    // Several rounds of gossip later (each builds a digest of every node known)...
+    let members = || async {
+        let body: serde_json::Value = reqwest::get(victim.at("/v1/agent/members")).await.ok()?.json().await.ok()?;
+        Some(body["members"].as_array()?.len())
+    };
+    eventually("the victim knows some of the invented nodes", Duration::from_secs(10), || async { (members().await? > 2).then_some(()) })
+        .await;
+    // Rounds of gossip with the ghosts known: each one builds a digest of every node known
+    // (the one that outgrew the datagram and panicked before).
+    let sent = || async { victim.metric("signpost_agent_gossip_datagrams_sent_total").await.unwrap_or(0.0) };
+    let before = sent().await;
+    eventually("the victim gossiped 30 datagrams since", Duration::from_secs(30), || async {
+        (sent().await >= before + 30.0).then_some(())
+    })
+    .await;
+    let known = members().await.expect("members");
+    assert!(known <= 2 + 3 * 256, "the victim took {known} members from three datagrams");
+    assert_unharmed(&mut victim, &observer).await;
+}
+
+async fn datagrams_of_zstd_bombs(key: Option<&str>) {
+    let (mut victim, observer) = victim_and_observer(key).await;
+    let mallory = Mallory::new(key).await;
+    // One block: 65,535 zero bytes in a few dozen compressed bytes.
+    let block = zstd::bulk::compress(&vec![0u8; 65_535], 19).expect("compress");
+    let room = if key.is_some() { 65_000 } else { 65_300 };
+    let count = (room - 8) / (block.len() + 3);
+    let blocks: Vec<(bool, Vec<u8>)> = (0..count).map(|_| (true, block.clone())).collect();
+    let bomb = gossip_craft::ack(&gossip_craft::delta_stream(&blocks));
+    assert!(count * 65_535 > 100_000_000, "{count} blocks expand to {} bytes", count * 65_535);
+    let before = peak_rss(victim.pid());
+    for _ in 0..10 {
+        mallory.send(gossip_addr(&victim), &bomb).await;
+    }
+    eventually("the ten bombs are dropped", Duration::from_secs(20), || async {
+        (dropped(&victim, "malformed").await >= 10.0).then_some(())
+    })
+    .await;
+    let after = peak_rss(victim.pid());
+    assert!(after < before + (64 << 20), "peak memory went from {} MiB to {} MiB", before >> 20, after >> 20);
+    assert_unharmed(&mut victim, &observer).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synack_below_its_own_versions_is_refused_keyless() {
+    a_synack_below_its_own_versions(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synack_below_its_own_versions_is_refused_keyed() {
+    a_synack_below_its_own_versions(Some(&keygen())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_invented_nodes_are_bounded_keyless() {
+    thousands_of_invented_nodes(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_invented_nodes_are_bounded_keyed() {
+    thousands_of_invented_nodes(Some(&keygen())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zstd_bombs_are_refused_keyless() {
+    datagrams_of_zstd_bombs(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zstd_bombs_are_refused_keyed() {
+    datagrams_of_zstd_bombs(Some(&keygen())).await;
+}
