@@ -75,7 +75,7 @@ async fn another_node_cannot_take_over_an_id_whose_owner_is_alive() {
     // A token bound to no node names any node; nodey's own heartbeat renews it.
     let beat = http.put(registry.at("/v1/instances/dup-1/heartbeat?node=nodey")).bearer_auth(FLEET).json(&json!({}));
     assert_eq!(send(beat).await.0, StatusCode::OK);
-    let bad = http.put(registry.at("/v1/instances/dup-1/heartbeat?node=-bad-")).bearer_auth(FLEET).json(&json!({}));
+    let bad = http.put(registry.at("/v1/instances/dup-1/heartbeat?node=bad%20node")).bearer_auth(FLEET).json(&json!({}));
     assert_eq!(send(bad).await.0, StatusCode::BAD_REQUEST);
 
     // An owner that is not alive (never announced, or its announcement lapsed) does not hold the id.
