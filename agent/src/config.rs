@@ -62,6 +62,10 @@ pub struct AgentConfig {
     /// File with the gossip keys, one per line, the first one sealing; read again when it
     /// changes, so keys rotate without a restart.
     pub gossip_key_file: Option<PathBuf>,
+    /// Gossip in the clear on an address other hosts can reach: anyone who can send UDP there
+    /// joins the cluster and publishes instances. Without a key, gossip on a non-loopback
+    /// address needs this set, explicitly, and then warns at start.
+    pub insecure_gossip: bool,
     /// Receive buffer of the gossip socket, in bytes (forced past `net.core.rmem_max` when the
     /// process has CAP_NET_ADMIN).
     pub gossip_recv_buffer: usize,
@@ -246,6 +250,7 @@ impl Default for AgentConfig {
             protection_thresholds: BTreeMap::new(),
             gossip_keys: vec![],
             gossip_key_file: None,
+            insecure_gossip: false,
             gossip_recv_buffer: DEFAULT_GOSSIP_RECV_BUFFER,
             gossip_interval: Duration::from_millis(100),
             phi_threshold: 8.0,
@@ -415,6 +420,16 @@ impl AgentConfig {
                 errors.add(format!("protection_thresholds.{}", validate::clip(name)), "must be between 0.0 and 1.0");
             }
         }
+        let keyless = self.gossip_keys.is_empty() && self.gossip_key_file.is_none();
+        if keyless && !self.insecure_gossip && !self.gossip_listen.ip().is_loopback() {
+            errors.add(
+                "gossip_keys",
+                format!(
+                    "gossip on {} needs a key: set gossip_keys or gossip_key_file (signpost-agent keygen), or insecure_gossip = true to gossip in the clear, which lets anyone who can send UDP there publish instances",
+                    self.gossip_listen
+                ),
+            );
+        }
         if !self.gossip_keys.is_empty() && self.gossip_key_file.is_some() {
             errors.add("gossip_keys", "set either gossip_keys or gossip_key_file, not both");
         } else if let Err(e) = self.gossip_keyring() {
@@ -582,6 +597,10 @@ pub struct Flags {
     #[arg(long, value_name = "FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gossip_key_file: Option<PathBuf>,
+    /// Gossip in the clear on a non-loopback address (without a key, needed there; warns).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_gossip: bool,
     /// Receive buffer of the gossip socket in bytes [default: 8388608].
     #[arg(long, value_name = "BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -729,8 +748,28 @@ impl AgentConfig {
 mod tests {
     use super::*;
 
+    /// Flags of an agent with one service; gossip on loopback (keyless is fine there).
     fn flags(service: &str) -> Flags {
-        Flags { service: Some(service.into()), node: Some("node-a".into()), ..Flags::default() }
+        Flags {
+            service: Some(service.into()),
+            node: Some("node-a".into()),
+            gossip_listen: Some("127.0.0.1:7302".into()),
+            ..Flags::default()
+        }
+    }
+
+    #[test]
+    fn keyless_gossip_beyond_loopback_is_an_explicit_choice() {
+        let mut f = flags("web:8080");
+        f.gossip_listen = Some("0.0.0.0:7302".into());
+        let error = load(&f).expect_err("keyless on every address").to_string();
+        assert!(error.contains("gossip_keys") && error.contains("insecure_gossip"), "{error}");
+        f.insecure_gossip = true;
+        assert!(load(&f).expect("explicitly insecure").insecure_gossip);
+        f.insecure_gossip = false;
+        f.gossip_key = vec!["MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".into()];
+        assert!(load(&f).is_ok(), "with a key");
+        assert!(load(&flags("web:8080")).is_ok(), "keyless on loopback");
     }
 
     #[test]

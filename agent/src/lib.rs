@@ -149,7 +149,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         Some(keys) => tracing::info!(keys = keys.current().len(), "gossip is encrypted and authenticated with the cluster key"),
         None if !config.gossip_listen.ip().is_loopback() => tracing::warn!(
             listen = %config.gossip_listen,
-            "gossip is neither encrypted nor authenticated: anyone who can send UDP here can join the cluster and publish instances; set gossip_keys or gossip_key_file (signpost-agent keygen)"
+            "insecure_gossip: gossip is neither encrypted nor authenticated: anyone who can send UDP here can join the cluster and publish instances; set gossip_keys or gossip_key_file (signpost-agent keygen)"
         ),
         None => {}
     }

@@ -201,6 +201,18 @@ impl Registry {
 
 /// The API token of agents that listen beyond loopback (in a network namespace): one per
 /// test process.
+/// The gossip key of agents in network namespaces (beyond loopback, where keyless gossip is
+/// refused): one random key per test process, so that such agents gossip sealed, as in
+/// production.
+pub fn netns_gossip_key() -> &'static str {
+    static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let out = Command::new(crate::binary("signpost-agent")).arg("keygen").output().expect("run signpost-agent keygen");
+        assert!(out.status.success(), "keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    })
+}
+
 pub fn netns_api_token() -> &'static str {
     static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     TOKEN.get_or_init(|| format!("e2e-api-token-{:016x}", rand::random::<u64>()))
@@ -367,6 +379,12 @@ impl AgentBuilder {
             // Reached from the test's namespace, so beyond loopback: allowed, with a token.
             args.extend(["--allow-remote-api".to_string(), "--api-token".into(), netns_api_token().into()]);
             api_token = Some(netns_api_token().to_string());
+            // Gossip beyond loopback is sealed (keyless there needs --insecure-gossip), unless
+            // the test chose its keys or chose the clear.
+            let chosen = self.args.iter().any(|a| a.starts_with("--gossip-key") || a == "--insecure-gossip");
+            if !chosen {
+                args.extend(["--gossip-key".to_string(), netns_gossip_key().into()]);
+            }
         }
         args.extend(self.args);
         let netns = self.host.map(|h| h.netns);

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::Value;
-use signpost_agent::config::{AgentConfig, Flags};
+use signpost_agent::config::AgentConfig;
 use signpost_e2e::{binary, free_port, signal};
 
 // === files ===
@@ -167,9 +167,12 @@ fn duration(text: &str) -> Duration {
     signpost_shared::duration::parse(text).unwrap_or_else(|e| panic!("`{text}` is not a duration: {e}"))
 }
 
-fn load_agent_config(path: &Path) -> AgentConfig {
-    let flags = Flags { config: Some(path.to_path_buf()), ..Flags::default() };
-    signpost_agent::config::load(&flags).unwrap_or_else(|e| panic!("{} is not a valid agent configuration: {e}", path.display()))
+/// The settings an agent started with `args` (its configuration file and flags) runs with.
+fn load_agent_args(args: &[String]) -> AgentConfig {
+    use clap::Parser as _;
+    let cli = signpost_agent::config::Cli::try_parse_from(std::iter::once("signpost-agent".to_string()).chain(args.iter().cloned()))
+        .unwrap_or_else(|e| panic!("{args:?} are not the agent's flags: {e}"));
+    signpost_agent::config::load(&cli.flags).unwrap_or_else(|e| panic!("{args:?} is not a valid agent configuration: {e}"))
 }
 
 // === processes ===
@@ -242,6 +245,13 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A key from `signpost-agent keygen`.
+fn keygen() -> String {
+    let out = Command::new(binary("signpost-agent")).arg("keygen").output().expect("run keygen");
+    assert!(out.status.success(), "keygen failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 fn free_udp_port() -> u16 {
@@ -523,8 +533,11 @@ fn the_example_pod_runs_the_agent_as_a_sidecar_with_its_config_identity_and_seed
     let pod = PodContainer::new(&docs, deployment, "signpost-agent", ("example-test", "127.0.0.1"), dir.path());
     let config_path = flag_values(&args, "--config").pop().expect("--config");
     let local = pod.local(&config_path).unwrap_or_else(|| panic!("--config {config_path} is not on a mounted volume"));
-    let config = load_agent_config(&local);
+    assert!(local.is_file(), "--config {config_path} is not a key of the mounted ConfigMap");
+    let config = load_agent_config_of(&pod);
     assert_eq!(config.gossip_listen.port() as u64, gossip_port, "gossip_listen and the gossip containerPort differ");
+    let keys = flag_values(&args, "--gossip-key-file").pop().expect("--gossip-key-file: gossip leaves the Pod, sealed");
+    assert!(pod.local(&keys).is_some_and(|p| p.is_file()), "--gossip-key-file {keys} is not a key of a mounted Secret");
     assert!(config.listen.ip().is_loopback(), "the agent API has no token: keep it on the Pod's loopback");
     assert!(pod.local(&config.data_dir.display().to_string()).is_some(), "data_dir must be a mounted volume (read-only root)");
     let app_port = array(&app["ports"], "ports")[0]["containerPort"].as_u64().expect("app port");
@@ -558,6 +571,11 @@ fn the_example_pod_runs_the_agent_as_a_sidecar_with_its_config_identity_and_seed
     assert_eq!(spec["securityContext"]["runAsNonRoot"], true);
 }
 
+/// The settings the agent container runs with (its mounts played by local files).
+fn load_agent_config_of(pod: &PodContainer) -> AgentConfig {
+    load_agent_args(&pod.args)
+}
+
 /// The registry Deployment's and the example agent's containers, played as local processes
 /// (SQLite instead of PostgreSQL, loopback instead of the Pod IP): the agent, with the
 /// ConfigMap's file, the downward-API environment and the Secret's token, registers its
@@ -581,7 +599,7 @@ async fn the_pods_containers_start_with_their_arguments_and_the_agent_leaves_cle
 
     let example = object(&docs, "Deployment", "example");
     let mut agent = PodContainer::new(&docs, example, "signpost-agent", ("example-test-pod", "127.0.0.1"), dir.path());
-    let config = load_agent_config(&agent.local("/etc/signpost/agent.toml").expect("the config mount"));
+    let config = load_agent_config_of(&agent);
     let data_dir = agent.local(&config.data_dir.display().to_string()).expect("the data mount");
     let gossip = free_udp_port();
     // Loopback stands in for the cluster's names: nothing leaves this machine.
@@ -674,6 +692,9 @@ fn compose_services_and_their_references_resolve() {
     }
     assert_eq!(registries.len(), 2, "two registry replicas");
     assert_eq!(agents.len(), 2, "two agent sidecars");
+    // Gossip leaves the containers: sealed, with one key for every agent.
+    let keys: Vec<Vec<String>> = agents.values().map(|args| flag_values(args, "--gossip-key")).collect();
+    assert!(keys.iter().all(|k| k.len() == 1 && *k == keys[0]), "every agent gossips with the same key: {keys:?}");
 
     let postgres = &services["postgres"];
     let password = postgres["environment"]["POSTGRES_PASSWORD"].as_str().expect("POSTGRES_PASSWORD");
@@ -914,7 +935,12 @@ fn the_systemd_units_are_hardened_and_their_command_lines_known() {
             .expect("shutdown_grace in the example config");
         assert!(stop >= grace + Duration::from_secs(5), "{file}: TimeoutStopSec {stop:?} vs shutdown_grace {grace:?}");
     }
-    let agent = load_agent_config(&repo().join("deploy/systemd/agent.toml"));
+    // The agent's settings as its unit starts it (the gossip key, a credential, played here).
+    let dir = tempfile::tempdir().expect("temp dir");
+    let agent_unit = unit_command(&unit("signpost-agent.service"), dir.path());
+    std::fs::write(agent_unit.credentials.join("agent-token"), "a-test-agent-token-0123456789\n").expect("token");
+    std::fs::write(agent_unit.credentials.join("gossip-keys"), format!("{}\n", keygen())).expect("key");
+    let agent = load_agent_args(&agent_unit.args);
     assert_eq!(agent.services.len(), 2);
     assert_eq!(agent.registry.len(), 2, "the example shows fail-over");
 }
@@ -955,6 +981,7 @@ async fn the_units_start_the_real_binaries_and_the_compose_healthcheck_works() {
     let agent_dir = dir.path().join("agent");
     let agent_unit = unit_command(&unit("signpost-agent.service"), &agent_dir);
     std::fs::write(agent_unit.credentials.join("agent-token"), format!("{agent_token}\n")).expect("token");
+    std::fs::write(agent_unit.credentials.join("gossip-keys"), format!("{}\n", keygen())).expect("key");
     let gossip = free_udp_port();
     let mut args = agent_unit.args.clone();
     // Loopback stands in for the example's registries and seed: nothing leaves this machine.
