@@ -11,6 +11,9 @@
 //! and remembers (stamp, nonce) of each one it accepted until the stamp is older than that;
 //! the same datagram again is refused. The memory is bounded ([`MAX_REMEMBERED`]): when full,
 //! the oldest entry is forgotten and nothing stamped at or before it is accepted any more.
+//! The memory does not outlive the process, so an agent's transport opens with a floor at its
+//! start ([`Opener::starting_at`]): a datagram captured before a restart is refused after it
+//! (a peer whose clock is behind by some seconds is heard that much later after a restart).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -152,6 +155,12 @@ impl Opener {
         Self::with_capacity(cluster_id, MAX_REMEMBERED)
     }
 
+    /// For `cluster_id`, refusing what is stamped at or before `start_ms` (this process's
+    /// start: what was sealed before it may have been received by an earlier run already).
+    pub fn starting_at(cluster_id: &str, start_ms: u64) -> Self {
+        Opener { floor_ms: start_ms, ..Self::new(cluster_id) }
+    }
+
     /// For `cluster_id`, remembering at most `capacity` datagrams.
     pub fn with_capacity(cluster_id: &str, capacity: usize) -> Self {
         Opener { aad: aad(cluster_id), seen: BTreeSet::new(), floor_ms: 0, capacity: capacity.max(1) }
@@ -274,6 +283,17 @@ mod tests {
         let from_rotated = sealed(&rotated, "prod", b"b", now);
         assert!(opener.open(&ring(&[&new]), &mut from_rotated.clone(), now).is_ok());
         assert_eq!(opener.open(&ring(&[&old]), &mut from_rotated.clone(), now), Err(Refusal::Unauthenticated));
+    }
+
+    #[test]
+    fn what_was_sealed_before_the_start_is_stale() {
+        let key = GossipKey::generate();
+        let keys = ring(&[&key]);
+        let start = now_ms();
+        let mut opener = Opener::starting_at("prod", start);
+        assert_eq!(opener.open(&keys, &mut sealed(&keys, "prod", b"x", start - 1_000), start + 10), Err(Refusal::Stale));
+        assert_eq!(opener.open(&keys, &mut sealed(&keys, "prod", b"x", start), start + 10), Err(Refusal::Stale));
+        assert!(opener.open(&keys, &mut sealed(&keys, "prod", b"x", start + 1), start + 10).is_ok());
     }
 
     #[test]

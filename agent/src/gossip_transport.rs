@@ -54,9 +54,11 @@ impl Transport for GossipTransport {
             );
         }
         let mode = match &self.keyring {
-            Some(keyring) => {
-                Mode::Sealed { keyring: keyring.clone(), sealer: Sealer::new(&self.cluster_id), opener: Opener::new(&self.cluster_id) }
-            }
+            Some(keyring) => Mode::Sealed {
+                keyring: keyring.clone(),
+                sealer: Sealer::new(&self.cluster_id),
+                opener: Opener::starting_at(&self.cluster_id, gossip_seal::now_ms()),
+            },
             None => Mode::Plain,
         };
         Ok(Box::new(GossipSocket {
