@@ -173,7 +173,13 @@ async fn an_agent_refused_at_the_cap_waits_as_long_as_it_is_told() {
     assert_eq!(register(&registry, "web-1").await, 201);
     let metric = |name: &'static str| async { registry.metric(name).await.unwrap_or(0.0) };
     let agent = AgentBuilder::new("node-a", &[registry.url()]).flag("catalog-wait", "5s").start().await;
-    // The agent has announced itself (the last change it makes) and follows the catalog.
+    // The agent has announced itself (the last change it makes: a later one would answer the
+    // test's waiters) and follows the catalog.
+    eventually("the agent is announced", Duration::from_secs(20), || async {
+        let page: Value = one_shot(Duration::from_secs(10)).get(registry.at("/v1/agents")).send().await.ok()?.json().await.ok()?;
+        page["agents"].as_array()?.iter().any(|a| a["node"] == "node-a").then_some(())
+    })
+    .await;
     eventually("the agent waits in a blocking query", Duration::from_secs(20), || async {
         (metric("signpost_registry_blocking_queries_waiting").await == 1.0).then_some(())
     })
