@@ -150,6 +150,11 @@ impl Gossip {
             .await;
     }
 
+    /// What chitchat refused from peers since start: nodes, key-values.
+    pub async fn refusals(&self) -> (u64, u64) {
+        self.handle.with_chitchat(|chitchat| (chitchat.refused_nodes(), chitchat.refused_key_values())).await
+    }
+
     /// The nodes the failure detector found dead (a short read under the chitchat lock).
     pub async fn dead_nodes(&self) -> Vec<ChitchatId> {
         self.handle.with_chitchat(|chitchat| chitchat.dead_nodes().cloned().collect()).await
@@ -424,6 +429,8 @@ pub async fn run(gossip: Arc<Gossip>, local: Arc<LocalState>, cache: Arc<Cache>,
                 stale = true;
             }
             _ = ticker.tick() => {
+                let (nodes, key_values) = gossip.refusals().await;
+                metrics.gossip_refused(nodes, key_values);
                 let now_dead = gossip.dead_nodes().await;
                 if now_dead != dead {
                     dead = now_dead;

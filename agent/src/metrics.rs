@@ -47,6 +47,7 @@ pub struct Metrics {
     registry_errors: Counter,
     bad_gossip: Counter,
     gossip_dropped: Family<ReasonLabels, Counter>,
+    gossip_refused: Family<ReasonLabels, Counter>,
     gossip_datagrams_sent: Counter,
     gossip_bytes_sent: Counter,
     gossip_datagrams_received: Counter,
@@ -92,6 +93,12 @@ impl Metrics {
         registry.register("registry_errors", "Failed calls to the registry", registry_errors.clone());
         let bad_gossip = Counter::default();
         registry.register("gossip_bad_values", "Peer gossip values skipped because they failed to decode or validate", bad_gossip.clone());
+        let gossip_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "gossip_refused",
+            "What peers' gossip named that was not taken, by what (nodes: past 256 new ones in a message or 10,000 in all; key_values: past a peer's 32,768 keys or 1 MiB)",
+            gossip_refused.clone(),
+        );
         let gossip_dropped = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "gossip_dropped",
@@ -140,6 +147,7 @@ impl Metrics {
             registry_errors,
             bad_gossip,
             gossip_dropped,
+            gossip_refused,
             gossip_datagrams_sent,
             gossip_bytes_sent,
             gossip_datagrams_received,
@@ -159,6 +167,15 @@ impl Metrics {
     /// Records a save of the catalog cache that worked.
     pub fn cache_saved(&self) {
         self.cache_save_failing.set(0);
+    }
+
+    /// Brings the counts of what chitchat refused from peers (nodes, key-values) up to
+    /// `nodes` and `key_values`, chitchat's totals since start.
+    pub fn gossip_refused(&self, nodes: u64, key_values: u64) {
+        for (reason, total) in [("nodes", nodes), ("key_values", key_values)] {
+            let counter = self.gossip_refused.get_or_create(&ReasonLabels { reason });
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
     }
 
     /// Counts a gossip datagram dropped before chitchat.

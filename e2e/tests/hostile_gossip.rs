@@ -190,6 +190,12 @@ async fn thousands_of_invented_nodes(key: Option<&str>) {
     .await;
     let known = members().await.expect("members");
     assert!(known <= 2 + 3 * 256, "the victim took {known} members from three datagrams");
+    // What it did not take is counted.
+    eventually("the refused nodes are counted", Duration::from_secs(10), || async {
+        let refused = victim.metric("signpost_agent_gossip_refused_total{reason=\"nodes\"}").await?;
+        (refused >= 3.0 * (1_200.0 - 256.0)).then_some(())
+    })
+    .await;
     assert_unharmed(&mut victim, &observer).await;
 }
 

@@ -30,7 +30,7 @@ use tokio_stream::wrappers::WatchStream;
 use tracing::{error, info, warn};
 
 pub use self::configuration::{CatchupCallback, ChitchatConfig};
-pub use self::state::{ClusterStateSnapshot, NodeState};
+pub use self::state::{ClusterStateSnapshot, MAX_BYTES_PER_NODE, MAX_KEYS_PER_NODE, NodeState};
 use crate::digest::Digest;
 pub use crate::message::{ChitchatEnvelope, ChitchatMessage, ProtocolVersion};
 pub use crate::server::{ChitchatHandle, spawn_chitchat};
@@ -171,6 +171,12 @@ impl Chitchat {
     /// [`MAX_NEW_NODES_PER_MESSAGE`] in one message, or [`MAX_NODES`] in all), since start.
     pub fn refused_nodes(&self) -> u64 {
         self.refused_nodes
+    }
+
+    /// Signpost patch 8: peers' key-values not taken (past [`MAX_KEYS_PER_NODE`] or
+    /// [`MAX_BYTES_PER_NODE`] for their node), since start.
+    pub fn refused_key_values(&self) -> u64 {
+        self.cluster_state.refused_key_values
     }
 
     fn process_delta(&mut self, delta: Delta) {

@@ -196,7 +196,7 @@ impl NodeState {
     }
 
     // Apply delta and returns true if a reset was necessary
-    fn apply_delta(&mut self, node_delta: NodeDelta, now: Instant) -> DeltaStatus {
+    fn apply_delta(&mut self, node_delta: NodeDelta, now: Instant, refused: &mut u64) -> DeltaStatus {
         let delta_status = self.check_delta_status(&node_delta);
 
         match delta_status {
@@ -214,6 +214,8 @@ impl NodeState {
         }
 
         let current_max_version = self.max_version();
+        // Signpost patch 8: what a peer's node holds is bounded (keys and bytes).
+        let mut bytes: usize = self.key_values.iter().map(|(k, v)| k.len() + v.value.len()).sum();
 
         for key_value_mutation in node_delta.key_values {
             if key_value_mutation.version <= current_max_version {
@@ -226,6 +228,13 @@ impl NodeState {
                     continue;
                 }
             }
+            let previous = self.key_values.get(&key_value_mutation.key).map(|v| key_value_mutation.key.len() + v.value.len());
+            let after = bytes - previous.unwrap_or(0) + key_value_mutation.key.len() + key_value_mutation.value.len();
+            if (previous.is_none() && self.key_values.len() >= MAX_KEYS_PER_NODE) || after > MAX_BYTES_PER_NODE {
+                *refused += 1;
+                continue;
+            }
+            bytes = after;
             let new_versioned_value = VersionedValue {
                 value: key_value_mutation.value,
                 version: key_value_mutation.version,
@@ -508,8 +517,17 @@ enum DeltaStatus {
     ApplyAfterReset,
 }
 
+/// Signpost patch 8: the most key-values (tombstones included) a peer's node state holds;
+/// a delta's new keys past it are refused and counted.
+pub const MAX_KEYS_PER_NODE: usize = 32_768;
+
+/// Signpost patch 8: the most bytes of keys and values a peer's node state holds.
+pub const MAX_BYTES_PER_NODE: usize = 1 << 20;
+
 pub(crate) struct ClusterState {
     node_states: BTreeMap<ChitchatId, NodeState>,
+    /// Signpost patch 8: key-values of peers refused past the bounds above, since start.
+    pub(crate) refused_key_values: u64,
     seed_addrs: watch::Receiver<HashSet<SocketAddr>>,
     pub(crate) listeners: Listeners,
     // Memory of the recently garbage collected nodes to avoid recreating them
@@ -535,6 +553,7 @@ impl Default for ClusterState {
             seed_addrs: seed_addrs_rx,
             listeners: Default::default(),
             garbage_collected_nodes: LruCache::new(GARBAGE_COLLECTED_NODE_HISTORY_SIZE),
+            refused_key_values: 0,
         }
     }
 }
@@ -546,6 +565,7 @@ impl ClusterState {
             node_states: BTreeMap::new(),
             listeners: Default::default(),
             garbage_collected_nodes: LruCache::new(GARBAGE_COLLECTED_NODE_HISTORY_SIZE),
+            refused_key_values: 0,
         }
     }
 
@@ -606,9 +626,9 @@ impl ClusterState {
         // Apply delta.
         let mut contains_reset = false;
         for node_delta in delta.node_deltas {
-            if let Some(node_state) = self.node_state_mut(&node_delta.chitchat_id) {
+            if let Some(node_state) = self.node_states.get_mut(&node_delta.chitchat_id) {
                 let monotonic_property_before = node_state.monotonic_property();
-                let delta_status = node_state.apply_delta(node_delta, now);
+                let delta_status = node_state.apply_delta(node_delta, now, &mut self.refused_key_values);
                 let monotonic_property_after = node_state.monotonic_property();
                 // Signpost patch 4: not an assert, as the delta comes from a peer.
                 if monotonic_property_after < monotonic_property_before {
@@ -1604,6 +1624,48 @@ mod tests {
         assert_eq!(node_states, &["Europe:", "Europe:Italy"]);
     }
 
+    // Signpost patch 8: a peer's node takes at most MAX_KEYS_PER_NODE keys and
+    // MAX_BYTES_PER_NODE bytes; what is past them is refused and counted, and a key already
+    // held may still change.
+    #[test]
+    fn test_a_peers_node_holds_bounded_keys_and_bytes() {
+        let mut node_state = NodeState::for_test();
+        let mutation = |key: String, value: String, version: u64| KeyValueMutation {
+            key,
+            value,
+            version,
+            status: DeletionStatusMutation::Set,
+        };
+        let key_values: Vec<KeyValueMutation> = (1..=MAX_KEYS_PER_NODE as u64 + 5)
+            .map(|v| mutation(format!("k{v}"), "x".into(), v))
+            .collect();
+        let max_version = key_values.len() as u64;
+        let node_delta = NodeDelta {
+            chitchat_id: node_state.chitchat_id.clone(),
+            from_version_excluded: 0,
+            last_gc_version: 0,
+            max_version,
+            key_values,
+        };
+        let mut refused = 0;
+        node_state.apply_delta(node_delta, Instant::now(), &mut refused);
+        assert_eq!(node_state.key_values.len(), MAX_KEYS_PER_NODE);
+        assert_eq!(refused, 5);
+        // Bytes: one large value that would pass the bound is refused; a key held may change.
+        let big = "y".repeat(MAX_BYTES_PER_NODE);
+        let node_delta = NodeDelta {
+            chitchat_id: node_state.chitchat_id.clone(),
+            from_version_excluded: max_version,
+            last_gc_version: 0,
+            max_version: max_version + 2,
+            key_values: vec![mutation("k1".into(), big, max_version + 1), mutation("k2".into(), "z".into(), max_version + 2)],
+        };
+        node_state.apply_delta(node_delta, Instant::now(), &mut refused);
+        assert_eq!(refused, 6);
+        assert_eq!(node_state.get("k1"), Some("x"));
+        assert_eq!(node_state.get("k2"), Some("z"));
+    }
+
     #[test]
     fn test_node_apply_delta_simple() {
         let mut node_state = NodeState::for_test();
@@ -1629,7 +1691,7 @@ mod tests {
                 },
             ],
         };
-        node_state.apply_delta(node_delta, Instant::now());
+        node_state.apply_delta(node_delta, Instant::now(), &mut 0);
         assert_eq!(node_state.num_key_values(), 3);
         assert_eq!(node_state.max_version(), 4);
         assert_eq!(node_state.last_gc_version, 0);
@@ -1658,7 +1720,7 @@ mod tests {
                 status: DeletionStatusMutation::Set,
             }],
         };
-        node_state.apply_delta(node_delta, Instant::now());
+        node_state.apply_delta(node_delta, Instant::now(), &mut 0);
         let versioned_a = node_state.get_versioned("key_a").unwrap();
         assert_eq!(versioned_a.version, 3);
         assert_eq!(versioned_a.status, DeletionStatus::Set);
@@ -1682,7 +1744,7 @@ mod tests {
                 status: DeletionStatusMutation::Set,
             }],
         };
-        node_state.apply_delta(node_delta, Instant::now());
+        node_state.apply_delta(node_delta, Instant::now(), &mut 0);
         let versioned_a = node_state.get_versioned("key_a").unwrap();
         assert_eq!(versioned_a.version, 5);
         assert_eq!(versioned_a.status, DeletionStatus::Set);
@@ -1713,7 +1775,7 @@ mod tests {
                 status: DeletionStatusMutation::Set,
             }],
         };
-        node_state.apply_delta(node_delta, Instant::now());
+        node_state.apply_delta(node_delta, Instant::now(), &mut 0);
         let versioned_a = node_state.get_versioned("key_a").unwrap();
         assert_eq!(versioned_a.version, 32);
         assert_eq!(node_state.max_version(), 32);
@@ -1739,7 +1801,7 @@ mod tests {
                 status: DeletionStatusMutation::Set,
             }],
         };
-        node_state.apply_delta(node_delta, Instant::now());
+        node_state.apply_delta(node_delta, Instant::now(), &mut 0);
         assert!(node_state.get_versioned("key_a").is_none());
         let versioned_b = node_state.get_versioned("key_b").unwrap();
         assert_eq!(versioned_b.version, 32);
@@ -1766,7 +1828,7 @@ mod tests {
                 status: DeletionStatusMutation::Set,
             }],
         };
-        node_state.apply_delta(node_delta, Instant::now());
+        node_state.apply_delta(node_delta, Instant::now(), &mut 0);
         assert_eq!(node_state.max_version, 32);
         let versioned_b = node_state.get_versioned("key_b").unwrap();
         assert_eq!(versioned_b.version, 32);
@@ -1808,7 +1870,7 @@ mod tests {
             }],
         };
 
-        let delta_status = node_state.apply_delta(node_delta, Instant::now());
+        let delta_status = node_state.apply_delta(node_delta, Instant::now(), &mut 0);
 
         assert_eq!(delta_status, DeltaStatus::ApplyAfterReset);
         let monotonic_after = node_state.monotonic_property();
@@ -1857,7 +1919,7 @@ mod tests {
             }],
         };
 
-        let delta_status = node_state_a.apply_delta(node_delta, Instant::now());
+        let delta_status = node_state_a.apply_delta(node_delta, Instant::now(), &mut 0);
         assert_eq!(delta_status, DeltaStatus::Apply);
         assert_eq!(node_state_a.max_version(), 100);
         assert_eq!(node_state_a.get("key_b").unwrap(), "val_b");
