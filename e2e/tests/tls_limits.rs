@@ -115,7 +115,7 @@ async fn tls_connect(
 
 /// Sends one `GET path` on an open connection (keep-alive) and returns the status code.
 async fn get_on<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &mut S, path: &str) -> Option<u16> {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: signpost\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
     let head = read_head(stream).await?;
     let status = head.split(' ').nth(1)?.parse().ok()?;
@@ -357,7 +357,7 @@ async fn slowloris_is_cut_off_while_lookups_are_answered(which: &str) {
     for _ in 0..10 {
         let mut stream = TcpStream::connect(addr).await.expect("connect");
         tricklers.push(tokio::spawn(async move {
-            let head = b"GET /v1/services HTTP/1.1\r\nHost: signpost\r\nX-Slow: ";
+            let head = b"GET /v1/services HTTP/1.1\r\nHost: localhost\r\nX-Slow: ";
             for byte in head.iter().chain(std::iter::repeat(&b'a')) {
                 if stream.write_all(&[*byte]).await.is_err() {
                     return Instant::now();
@@ -412,14 +412,14 @@ async fn oversized_headers_get_431_and_bodies_413(which: &str) {
     let server = Server::start(which, &[("max-header-bytes", "8192")]).await;
     let mut stream = TcpStream::connect(server.addr()).await.expect("connect");
     let big = "a".repeat(16 * 1024);
-    let request = format!("GET /v1/services HTTP/1.1\r\nHost: signpost\r\nX-Big: {big}\r\n\r\n");
+    let request = format!("GET /v1/services HTTP/1.1\r\nHost: localhost\r\nX-Big: {big}\r\n\r\n");
     // The server may answer and close before reading it all: a failed write is fine.
     let _ = stream.write_all(request.as_bytes()).await;
     let head = read_head(&mut stream).await.unwrap_or_default();
     assert!(head.is_empty() || head.starts_with("HTTP/1.1 431"), "{which}: {head}");
     assert!(closed_within(&mut stream, Duration::from_secs(5)).await, "{which}: the connection stays open after 431");
     // Headers under the limit are fine.
-    let fine = format!("GET /v1/services HTTP/1.1\r\nHost: signpost\r\nX-Small: {}\r\n\r\n", "a".repeat(1024));
+    let fine = format!("GET /v1/services HTTP/1.1\r\nHost: localhost\r\nX-Small: {}\r\n\r\n", "a".repeat(1024));
     let mut stream = TcpStream::connect(server.addr()).await.expect("connect");
     stream.write_all(fine.as_bytes()).await.expect("write");
     let head = read_head(&mut stream).await.expect("an answer");
@@ -444,7 +444,7 @@ async fn oversized_headers_get_431_and_bodies_413_on_both_servers() {
 async fn a_body_that_does_not_arrive_in_time_fails_its_request_and_frees_the_connection() {
     let server = Server::start("registry", &[("body-read-timeout", "1s")]).await;
     let mut stream = TcpStream::connect(server.addr()).await.expect("connect");
-    let head = "POST /v1/instances HTTP/1.1\r\nHost: signpost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"id\":";
+    let head = "POST /v1/instances HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"id\":";
     stream.write_all(head.as_bytes()).await.expect("write");
     let answer = tokio::time::timeout(patience(Duration::from_secs(10)), read_head(&mut stream)).await.expect("an answer in time");
     let answer = answer.unwrap_or_default();
@@ -465,7 +465,7 @@ async fn the_connection_cap_holds_and_frees(which: &str) {
     // (503, Retry-After) and closed, rather than left waiting behind the slots' holders.
     for _ in 0..3 {
         let mut stream = TcpStream::connect(addr).await.expect("the kernel still queues it");
-        stream.write_all(b"GET /v1/services HTTP/1.1\r\nHost: signpost\r\n\r\n").await.expect("write");
+        stream.write_all(b"GET /v1/services HTTP/1.1\r\nHost: localhost\r\n\r\n").await.expect("write");
         let head = tokio::time::timeout(patience(Duration::from_secs(10)), read_head(&mut stream)).await.expect("an answer past the cap");
         let head = head.unwrap_or_default().to_ascii_lowercase();
         assert!(head.starts_with("http/1.1 503"), "{which}: past the cap: {head}");
@@ -561,7 +561,7 @@ fn bad_tls_settings_and_plain_http_beyond_loopback_stop_the_start() {
         ("signpost-registry", vec!["--listen", &port, "--tls-cert-file", &garbage, "--tls-key-file", &key], "no PEM certificate"),
         ("signpost-registry", vec!["--listen", &port, "--tls-cert-file", &cert, "--tls-key-file", &garbage], "no PEM private key"),
         ("signpost-registry", vec!["--listen", &wide], "allow_plain_http"),
-        ("signpost-agent", vec!["--registry-ca-file", &garbage], "registry_ca_file"),
+        ("signpost-agent", vec!["--registry-ca-file", &garbage, "--gossip-listen", &port], "registry_ca_file"),
     ];
     for (bin, args, expected) in cases {
         let mut args = args;
