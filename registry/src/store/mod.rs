@@ -149,14 +149,20 @@ fn is_connection_error(error: &sqlx::Error) -> bool {
     }
 }
 
-/// The schema is not (or no longer) there: a table is missing (the database was dropped and
-/// created again under the registry, or emptied by hand) or the one `catalog_state` row is
+/// The schema is not (or no longer) all there: a table or a column is missing (the database
+/// was dropped and created again under the registry and its migrations are still being
+/// applied, one transaction each, or it was emptied by hand) or the one `catalog_state` row is
 /// (every `fetch_one` of the store reads that row, an aggregate or an `INSERT … RETURNING`, so
 /// "no rows" can only mean it). Requests answer 503 and the poller migrates again.
 fn is_schema_missing(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::RowNotFound => true,
-        sqlx::Error::Database(db) => db.code().as_deref() == Some("42P01") || db.message().starts_with("no such table"),
+        sqlx::Error::Database(db) => {
+            // PostgreSQL: 42P01 undefined_table, 42703 undefined_column.
+            matches!(db.code().as_deref(), Some("42P01" | "42703"))
+                || db.message().starts_with("no such table")
+                || db.message().starts_with("no such column")
+        }
         _ => false,
     }
 }
