@@ -117,6 +117,7 @@ impl Gossip {
             // A peer counts as live only once it has said who it is.
             extra_liveness_predicate: Some(Box::new(|state: &NodeState| state.get(AGENT_KEY).is_some())),
             protocol_version: chitchat::ProtocolVersion::V0,
+            node_delta_gate: None,
         };
         let initial = own_key_values(&config, local, None);
         let transport = GossipTransport {

@@ -163,6 +163,7 @@ async fn captured_envelopes(version: ProtocolVersion) -> Vec<Vec<u8>> {
             catchup_callback: None,
             extra_liveness_predicate: None,
             protocol_version: version,
+            node_delta_gate: None,
         };
         handles.push(spawn_chitchat(config, agent_values(n + 1), &Recording(log.clone())).await.expect("chitchat starts"));
     }

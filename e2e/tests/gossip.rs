@@ -25,6 +25,7 @@ fn intruder_config(node: &str, cluster: &str, seed: SocketAddr) -> ChitchatConfi
         catchup_callback: None,
         extra_liveness_predicate: None,
         protocol_version: chitchat::ProtocolVersion::V0,
+        node_delta_gate: None,
     }
 }
 

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::{ChitchatId, FailureDetectorConfig, NodeState, ProtocolVersion};
+use crate::{ChitchatId, FailureDetectorConfig, NodeState, ProtocolVersion, Version};
 
 /// An optional user-defined callback executed when the self node is lagging behind.
 pub type CatchupCallback = Box<dyn Fn() + Send>;
@@ -11,6 +11,40 @@ pub type CatchupCallback = Box<dyn Fn() + Send>;
 /// An optional user-defined predicate liveness predication applied on top of the output of the
 /// failure detector.
 pub type ExtraLivenessPredicate = Box<dyn Fn(&NodeState) -> bool + Send>;
+
+/// Signpost patch 9: decides whether a peer's node delta may be applied, before anything of
+/// it is (see [`GatedNodeDelta`]). `false` drops the whole node delta, which is counted
+/// ([`crate::Chitchat::refused_node_deltas`]) and leaves that node's state as it was, so that
+/// the genuine delta is asked for again in a later round.
+pub type NodeDeltaGate = Box<dyn Fn(&GatedNodeDelta<'_>) -> bool + Send>;
+
+/// Signpost patch 9: one peer's node delta as a [`NodeDeltaGate`] sees it.
+#[derive(Debug)]
+pub struct GatedNodeDelta<'a> {
+    /// The node the delta is about.
+    pub chitchat_id: &'a ChitchatId,
+    /// The delta's `last_gc_version` (above the state's, the node's state is reset first).
+    pub last_gc_version: Version,
+    /// The version the node's state is at once the delta is applied.
+    pub max_version: Version,
+    /// The node's version in this state before the delta.
+    pub known_max_version: Version,
+    /// The key-values that would be applied (those above `known_max_version`).
+    pub key_values: Vec<GatedKeyValue<'a>>,
+}
+
+/// Signpost patch 9: one key-value of a [`GatedNodeDelta`].
+#[derive(Debug)]
+pub struct GatedKeyValue<'a> {
+    /// Its key.
+    pub key: &'a str,
+    /// Its value (empty for a deletion).
+    pub value: &'a str,
+    /// Its version.
+    pub version: Version,
+    /// True for a deletion (a tombstone, now or after a TTL).
+    pub deleted: bool,
+}
 
 /// A struct for configuring a Chitchat instance.
 pub struct ChitchatConfig {
@@ -41,6 +75,8 @@ pub struct ChitchatConfig {
     /// compresses the digest. This MUST stay `V0` until every node in the cluster runs a version
     /// able to decode the newer format.
     pub protocol_version: ProtocolVersion,
+    /// Signpost patch 9: when set, every peer's node delta passes it before it is applied.
+    pub node_delta_gate: Option<NodeDeltaGate>,
 }
 
 impl ChitchatConfig {
@@ -59,6 +95,7 @@ impl ChitchatConfig {
             catchup_callback: None,
             extra_liveness_predicate: None,
             protocol_version: ProtocolVersion::V0,
+            node_delta_gate: None,
         }
     }
 }
@@ -79,6 +116,7 @@ impl Default for ChitchatConfig {
             catchup_callback: None,
             extra_liveness_predicate: None,
             protocol_version: ProtocolVersion::V0,
+            node_delta_gate: None,
         }
     }
 }

@@ -29,7 +29,9 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tracing::{error, info, warn};
 
-pub use self::configuration::{CatchupCallback, ChitchatConfig};
+pub use self::configuration::{
+    CatchupCallback, ChitchatConfig, GatedKeyValue, GatedNodeDelta, NodeDeltaGate,
+};
 pub use self::state::{ClusterStateSnapshot, MAX_BYTES_PER_NODE, MAX_KEYS_PER_NODE, NodeState};
 use crate::digest::Digest;
 pub use crate::message::{ChitchatEnvelope, ChitchatMessage, ProtocolVersion};
@@ -179,8 +181,18 @@ impl Chitchat {
         self.cluster_state.refused_key_values
     }
 
+    /// Signpost patch 9: peers' node deltas the configured gate refused, since start.
+    pub fn refused_node_deltas(&self) -> u64 {
+        self.cluster_state.refused_node_deltas
+    }
+
     fn process_delta(&mut self, delta: Delta) {
-        let was_reset_triggered = self.cluster_state.apply_delta(delta);
+        let self_id = self.config.chitchat_id.clone();
+        let was_reset_triggered = self.cluster_state.apply_gated_delta(
+            delta,
+            self.config.node_delta_gate.as_ref(),
+            Some(&self_id),
+        );
         if was_reset_triggered {
             if let Some(catchup_callback) = &self.config.catchup_callback {
                 info!("executing catch-up callback");
@@ -677,6 +689,7 @@ mod tests {
             catchup_callback: None,
             extra_liveness_predicate: None,
             protocol_version: ProtocolVersion::V0,
+            node_delta_gate: None,
         };
         start_node_with_config(transport, config).await
     }
@@ -889,6 +902,7 @@ mod tests {
                 node_state.get("READY") == Some("true")
             })),
             protocol_version: ProtocolVersion::V0,
+            node_delta_gate: None,
         };
         let mut nodes = Vec::new();
         for chitchat_id in &chitchat_ids {

@@ -309,6 +309,14 @@ impl NodeState {
         self.set_with_version(key, value, new_version);
     }
 
+    /// Signpost patch 9: sets `key` to the value `make` builds from the version it is given,
+    /// so that the value can carry a signature over its own version (always a new version).
+    pub fn set_with_own_version(&mut self, key: impl ToString, make: impl FnOnce(Version) -> String) {
+        let new_version = self.max_version + 1;
+        let value = make(new_version);
+        self.set_with_version(key, value, new_version);
+    }
+
     /// Sets a new value that will be deleted after the grace period but visible
     /// until then
     pub fn set_with_ttl(&mut self, key: impl ToString, value: impl ToString) {
@@ -524,10 +532,34 @@ pub const MAX_KEYS_PER_NODE: usize = 32_768;
 /// Signpost patch 8: the most bytes of keys and values a peer's node state holds.
 pub const MAX_BYTES_PER_NODE: usize = 1 << 20;
 
+/// Signpost patch 9: what the gate sees of `node_delta` against a state at `known_max_version`:
+/// only the key-values that would be applied.
+fn gated(node_delta: &NodeDelta, known_max_version: Version) -> crate::configuration::GatedNodeDelta<'_> {
+    crate::configuration::GatedNodeDelta {
+        chitchat_id: &node_delta.chitchat_id,
+        last_gc_version: node_delta.last_gc_version,
+        max_version: node_delta.max_version,
+        known_max_version,
+        key_values: node_delta
+            .key_values
+            .iter()
+            .filter(|kv| kv.version > known_max_version)
+            .map(|kv| crate::configuration::GatedKeyValue {
+                key: &kv.key,
+                value: &kv.value,
+                version: kv.version,
+                deleted: kv.status.scheduled_for_deletion(),
+            })
+            .collect(),
+    }
+}
+
 pub(crate) struct ClusterState {
     node_states: BTreeMap<ChitchatId, NodeState>,
     /// Signpost patch 8: key-values of peers refused past the bounds above, since start.
     pub(crate) refused_key_values: u64,
+    /// Signpost patch 9: peers' node deltas the gate refused, since start.
+    pub(crate) refused_node_deltas: u64,
     seed_addrs: watch::Receiver<HashSet<SocketAddr>>,
     pub(crate) listeners: Listeners,
     // Memory of the recently garbage collected nodes to avoid recreating them
@@ -554,6 +586,7 @@ impl Default for ClusterState {
             listeners: Default::default(),
             garbage_collected_nodes: LruCache::new(GARBAGE_COLLECTED_NODE_HISTORY_SIZE),
             refused_key_values: 0,
+            refused_node_deltas: 0,
         }
     }
 }
@@ -566,6 +599,7 @@ impl ClusterState {
             listeners: Default::default(),
             garbage_collected_nodes: LruCache::new(GARBAGE_COLLECTED_NODE_HISTORY_SIZE),
             refused_key_values: 0,
+            refused_node_deltas: 0,
         }
     }
 
@@ -621,12 +655,33 @@ impl ClusterState {
     }
 
     // Apply delta and returns true if there was a reset.
+    #[cfg(test)]
     pub(crate) fn apply_delta(&mut self, delta: Delta) -> bool {
+        self.apply_gated_delta(delta, None, None)
+    }
+
+    /// Signpost patch 9: applies the node deltas that `gate` lets through (all when `None`).
+    /// With a gate, a delta about `self_id` is refused: only this node writes its own state
+    /// (a peer never has newer versions of it, so only a forger sends one). Returns true if
+    /// there was a reset.
+    pub(crate) fn apply_gated_delta(
+        &mut self,
+        delta: Delta,
+        gate: Option<&crate::configuration::NodeDeltaGate>,
+        self_id: Option<&ChitchatId>,
+    ) -> bool {
         let now = Instant::now();
         // Apply delta.
         let mut contains_reset = false;
         for node_delta in delta.node_deltas {
             if let Some(node_state) = self.node_states.get_mut(&node_delta.chitchat_id) {
+                if let Some(gate) = gate
+                    && (self_id == Some(&node_delta.chitchat_id)
+                        || !gate(&gated(&node_delta, node_state.max_version())))
+                {
+                    self.refused_node_deltas += 1;
+                    continue;
+                }
                 let monotonic_property_before = node_state.monotonic_property();
                 let delta_status = node_state.apply_delta(node_delta, now, &mut self.refused_key_values);
                 let monotonic_property_after = node_state.monotonic_property();
@@ -1314,6 +1369,69 @@ mod tests {
             .key_values
             .get("key_b")
             .unwrap();
+    }
+
+    #[test]
+    fn test_a_gate_sees_what_would_be_applied_and_a_refusal_changes_nothing() {
+        use std::sync::{Arc, Mutex};
+        let mut cluster_state = ClusterState::default();
+        let own = ChitchatId::for_local_test(10_000);
+        cluster_state.node_state_mut_or_init(&own);
+        let peer = ChitchatId::for_local_test(10_001);
+        cluster_state.node_state_mut_or_init(&peer).set_with_version("a", "1", 1);
+        let seen: Arc<Mutex<Vec<(String, Version, bool, Version)>>> = Arc::default();
+        let gate: crate::configuration::NodeDeltaGate = {
+            let seen = seen.clone();
+            Box::new(move |delta| {
+                let mut seen = seen.lock().unwrap();
+                for kv in &delta.key_values {
+                    seen.push((kv.key.to_string(), kv.version, kv.deleted, delta.known_max_version));
+                }
+                // Refuses any delta that deletes something.
+                !delta.key_values.iter().any(|kv| kv.deleted)
+            })
+        };
+        let mut delta = Delta::default();
+        delta.add_node(peer.clone(), 0, 0);
+        delta.add_kv(&peer, "a", "old", 1, false);
+        delta.add_kv(&peer, "b", "2", 2, false);
+        delta.add_kv(&peer, "c", "", 3, true);
+        cluster_state.apply_gated_delta(delta, Some(&gate), Some(&own));
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![("b".to_string(), 2, false, 1), ("c".to_string(), 3, true, 1)],
+            "only what would be applied is shown"
+        );
+        assert_eq!(cluster_state.refused_node_deltas, 1);
+        let state = cluster_state.node_state(&peer).unwrap();
+        assert_eq!((state.max_version(), state.get("b")), (1, None), "nothing of a refused delta is applied");
+
+        let mut delta = Delta::default();
+        delta.add_node(peer.clone(), 0, 0);
+        delta.add_kv(&peer, "b", "2", 2, false);
+        cluster_state.apply_gated_delta(delta, Some(&gate), Some(&own));
+        let state = cluster_state.node_state(&peer).unwrap();
+        assert_eq!((state.max_version(), state.get("b")), (2, Some("2")), "a delta let through is applied");
+        assert_eq!(cluster_state.refused_node_deltas, 1);
+
+        // A delta about this node itself is never applied, whatever the gate says.
+        let mut delta = Delta::default();
+        delta.add_node(own.clone(), 0, 0);
+        delta.add_kv(&own, "forged", "x", 5, false);
+        cluster_state.apply_gated_delta(delta, Some(&gate), Some(&own));
+        let state = cluster_state.node_state(&own).unwrap();
+        assert_eq!((state.max_version(), state.get("forged")), (0, None));
+        assert_eq!(cluster_state.refused_node_deltas, 2);
+    }
+
+    #[test]
+    fn test_set_with_own_version_hands_the_value_its_version() {
+        let mut node_state = NodeState::for_test();
+        node_state.set("a", "1");
+        node_state.set_with_own_version("b", |version| format!("signed at {version}"));
+        let b = node_state.get_versioned("b").unwrap();
+        assert_eq!((b.version, b.value.as_str()), (2, "signed at 2"));
+        assert_eq!(node_state.max_version(), 2);
     }
 
     #[test]
