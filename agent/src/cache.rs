@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::evidence::{Evidence, Verdict};
 use crate::gossip::{GossipView, Member};
+use crate::gossip_identity::PeerKeys;
 
 /// What the registry last said.
 #[derive(Debug, Clone, Default)]
@@ -135,6 +136,8 @@ struct Sources {
     made: HashMap<String, Arc<Instance>>,
     /// Evidence that owners which gossip does not show alive live.
     evidence: Evidence,
+    /// The registry view the peers' signing keys were last taken from.
+    keys_from: Option<Arc<RegistryView>>,
 }
 
 /// Owners of registered instances that gossip does not show alive.
@@ -161,6 +164,8 @@ enum Change {
 #[derive(Debug)]
 pub struct Cache {
     sources: std::sync::Mutex<Sources>,
+    /// Peers' gossip signing keys, from the registry's agent list.
+    peer_keys: Arc<PeerKeys>,
     current: RwLock<Arc<Snapshot>>,
     index: watch::Sender<u64>,
 }
@@ -176,7 +181,17 @@ impl Cache {
     /// gossip has not found for `settle` (the time gossip needs to find the live ones).
     pub fn new(settle: Duration) -> Self {
         let sources = Sources { evidence: Evidence::new(Utc::now(), settle), ..Sources::default() };
-        Cache { sources: std::sync::Mutex::new(sources), current: RwLock::new(Arc::new(Snapshot::default())), index: watch::channel(0).0 }
+        Cache {
+            sources: std::sync::Mutex::new(sources),
+            peer_keys: Arc::default(),
+            current: RwLock::new(Arc::new(Snapshot::default())),
+            index: watch::channel(0).0,
+        }
+    }
+
+    /// Peers' gossip signing keys, as the registry view held lists them.
+    pub fn peer_keys(&self) -> Arc<PeerKeys> {
+        self.peer_keys.clone()
     }
 
     /// The current snapshot.
@@ -272,6 +287,10 @@ impl Cache {
     fn update(&self, kind: Change, change: impl FnOnce(&mut Sources)) {
         self.with_sources(|sources| {
             change(sources);
+            if sources.keys_from.as_ref().is_none_or(|from| !Arc::ptr_eq(from, &sources.registry)) {
+                self.peer_keys.update(&sources.registry.agents);
+                sources.keys_from = Some(sources.registry.clone());
+            }
             let previous = self.snapshot();
             let self_preservation = sources.registry.self_preservation;
             let merged = match kind {

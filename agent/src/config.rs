@@ -49,7 +49,7 @@ pub struct AgentConfig {
     pub token: Option<Secret>,
     /// File holding the token.
     pub token_file: Option<PathBuf>,
-    /// Folder of the persisted catalog cache.
+    /// Folder of the persisted catalog cache and the node key (`node.key`).
     pub data_dir: PathBuf,
     /// The local services this agent registers and checks.
     pub services: Vec<ServiceConfig>,
@@ -511,7 +511,7 @@ pub struct Flags {
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Folder of the persisted catalog cache [default: ./signpost-data].
+    /// Folder of the persisted catalog cache and the node key (node.key) [default: ./signpost-data].
     #[arg(long, value_name = "DIR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,

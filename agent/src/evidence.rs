@@ -122,6 +122,7 @@ mod tests {
             updated_at: renewed,
             lease_expires_at: renewed,
             renewed_at: Some(renewed),
+            signing_key: None,
         };
         AgentsPage { index: 1, agents: renewals.iter().map(|(n, r)| agent(n, *r)).collect(), now: Some(registry_now) }
     }

@@ -1,21 +1,27 @@
 //! The chitchat adapter. Each agent publishes its own instances in its node state
-//! (`inst:{id}` → JSON, plus `agent`), reads every live peer's instances into a
-//! [`GossipView`] whenever the live set or a live node's state changes, and learns peers from
-//! the registry's agent list. A peer's value that fails to decode or validate is logged once
-//! and skipped; it never reaches the cache.
+//! (`inst:{id}` → JSON, plus `agent` and an `alive` stamp), every value signed with its node
+//! key ([`crate::gossip_identity`]: peers refuse what does not verify before chitchat applies
+//! it), reads every live peer's instances into a [`GossipView`] whenever the live set or a
+//! live node's state changes, and learns peers from the registry's agent list. A peer's value
+//! that fails to decode or validate is logged once and skipped; it never reaches the cache.
+//! A peer whose `alive` stamp has not moved for [`stale_after`] counts as dead, whatever its
+//! heartbeats say (anyone can repeat a node's heartbeat; only the node can sign a stamp).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState, spawn_chitchat};
 use serde::Serialize;
 use signpost_shared::gossip::{self, AGENT_KEY, AgentValue, FORMAT_VERSION, GossipInstance, INSTANCE_PREFIX};
+use signpost_shared::gossip_sign::{self, NodeSigningKey, Signer};
 use signpost_shared::model::Health;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::Cache;
+use crate::gossip_identity::{self, PeerKeys};
 use crate::gossip_key::SharedKeyring;
 use crate::gossip_transport::GossipTransport;
 use crate::local::LocalState;
@@ -48,6 +54,24 @@ pub struct GossipConfig {
     pub keyring: Option<Arc<SharedKeyring>>,
     /// Receive buffer of the gossip socket, in bytes.
     pub recv_buffer: usize,
+    /// This node's signing key.
+    pub signing: Arc<NodeSigningKey>,
+    /// Peers' public keys, as the registry lists them.
+    pub peer_keys: Arc<PeerKeys>,
+}
+
+/// Key of the stamp a node signs again every [`alive_every`], so that its peers can tell it
+/// lives.
+pub const ALIVE_KEY: &str = "alive";
+
+/// How often a node signs its `alive` stamp again: every ten gossip rounds, at least 2 s apart.
+pub fn alive_every(interval: Duration) -> Duration {
+    (interval * 10).max(Duration::from_secs(2))
+}
+
+/// How long a peer's `alive` stamp may stay still before the peer counts as dead: five stamps.
+pub fn stale_after(interval: Duration) -> Duration {
+    alive_every(interval) * 5
 }
 
 /// One live peer (or this agent) as gossip describes it.
@@ -93,6 +117,8 @@ pub struct GossipView {
 pub struct Gossip {
     handle: ChitchatHandle,
     config: GossipConfig,
+    /// The last `alive` stamp.
+    stamp: AtomicU64,
 }
 
 impl Gossip {
@@ -117,36 +143,57 @@ impl Gossip {
             // A peer counts as live only once it has said who it is.
             extra_liveness_predicate: Some(Box::new(|state: &NodeState| state.get(AGENT_KEY).is_some())),
             protocol_version: chitchat::ProtocolVersion::V0,
-            node_delta_gate: None,
+            node_delta_gate: Some(gossip_identity::gate(config.cluster_id.clone(), config.peer_keys.clone(), metrics.clone())),
         };
-        let initial = own_key_values(&config, local, None);
         let transport = GossipTransport {
             keyring: config.keyring.clone(),
             cluster_id: config.cluster_id.clone(),
             recv_buffer: config.recv_buffer,
             metrics,
         };
-        let handle = spawn_chitchat(chitchat_config, initial, &transport).await?;
-        Ok(Gossip { handle, config })
+        // Values are signed over the version chitchat gives them, so they are set once it runs.
+        let handle = spawn_chitchat(chitchat_config, Vec::new(), &transport).await?;
+        let gossip = Gossip { handle, config, stamp: AtomicU64::new(0) };
+        gossip.publish(local, None).await;
+        gossip.stamp_alive().await;
+        Ok(gossip)
     }
 
-    /// Publishes `local` in this node's state: sets what changed, deletes what left.
+    /// Publishes `local` in this node's state: sets what changed, and an empty value for an
+    /// instance that left (a deletion could not be signed, so peers refuse deletions).
     pub async fn publish(&self, local: &LocalState, force_health: Option<Health>) {
         let wanted: BTreeMap<String, String> = own_key_values(&self.config, local, force_health).into_iter().collect();
+        let cluster_id = self.config.cluster_id.clone();
+        let signing = self.config.signing.clone();
         self.handle
-            .with_chitchat(|chitchat| {
+            .with_chitchat(move |chitchat| {
+                let id = chitchat.self_chitchat_id().clone();
                 let state = chitchat.self_node_state();
-                let stale: Vec<String> = state
+                let gone: Vec<String> = state
                     .key_values()
-                    .filter(|(k, _)| k.starts_with(INSTANCE_PREFIX) && !wanted.contains_key(*k))
+                    .filter(|(k, v)| k.starts_with(INSTANCE_PREFIX) && !wanted.contains_key(*k) && gossip_sign::payload(v) != Some(""))
                     .map(|(k, _)| k.to_string())
                     .collect();
-                for key in stale {
-                    state.delete(&key);
+                for key in &gone {
+                    set_signed(state, &signing, &cluster_id, &id, key, "");
                 }
                 for (key, value) in &wanted {
-                    state.set(key, value);
+                    if state.get(key).and_then(gossip_sign::payload) != Some(value.as_str()) {
+                        set_signed(state, &signing, &cluster_id, &id, key, value);
+                    }
                 }
+            })
+            .await;
+    }
+
+    /// Signs the `alive` stamp again (a counter), so that peers see this node live.
+    pub async fn stamp_alive(&self) {
+        let stamp = self.stamp.fetch_add(1, Ordering::Relaxed) + 1;
+        let (cluster_id, signing) = (self.config.cluster_id.clone(), self.config.signing.clone());
+        self.handle
+            .with_chitchat(move |chitchat| {
+                let id = chitchat.self_chitchat_id().clone();
+                set_signed(chitchat.self_node_state(), &signing, &cluster_id, &id, ALIVE_KEY, &stamp.to_string());
             })
             .await;
     }
@@ -189,6 +236,13 @@ impl Gossip {
     pub fn config(&self) -> &GossipConfig {
         &self.config
     }
+}
+
+/// Sets `key` in this node's state to `payload`, signed over the version it gets.
+fn set_signed(state: &mut NodeState, signing: &NodeSigningKey, cluster_id: &str, id: &ChitchatId, key: &str, payload: &str) {
+    let addr = id.gossip_advertise_addr.to_string();
+    let signer = Signer { cluster_id, node: &id.node_id, generation: id.generation_id, gossip_addr: &addr };
+    state.set_with_own_version(key, |version| signing.sign_value(&signer, key, version, payload));
 }
 
 /// This node's keys: `agent` and one `inst:{id}` per local service; a value too large to
@@ -256,7 +310,7 @@ fn read_peer(id: &ChitchatId, state: &NodeState, metrics: &Metrics, values: &mut
             reported.insert(seen, version);
         }
     };
-    let agent = peer_agent(&id.node_id, state.get(AGENT_KEY), &mut refuse)?;
+    let agent = peer_agent(&id.node_id, state.get(AGENT_KEY).and_then(stored_payload), &mut refuse)?;
     // What the previous view decoded of this node: a value whose version did not move is
     // taken from there, not decoded again.
     let node = (id.node_id.to_string(), id.generation_id);
@@ -265,9 +319,10 @@ fn read_peer(id: &ChitchatId, state: &NodeState, metrics: &Metrics, values: &mut
     let mut instances = BTreeMap::new();
     for (key, value) in state.iter_prefix(INSTANCE_PREFIX) {
         let instance_id = &key[INSTANCE_PREFIX.len()..];
+        let Some(payload) = stored_payload(&value.value) else { continue };
         let decoded = match before.remove_entry(instance_id) {
             Some((owned_id, (version, instance))) if version == value.version => Ok((owned_id, instance)),
-            _ => GossipInstance::decode(instance_id, &value.value).map(|i| (instance_id.to_string(), Arc::new(i))),
+            _ => GossipInstance::decode(instance_id, payload).map(|i| (instance_id.to_string(), Arc::new(i))),
         };
         match decoded {
             Ok((owned_id, instance)) => {
@@ -279,6 +334,13 @@ fn read_peer(id: &ChitchatId, state: &NodeState, metrics: &Metrics, values: &mut
     }
     values.current.insert(node, now);
     Some(Peer { http: agent.http, zone: agent.zone, instances })
+}
+
+/// The payload of a value as it sits in a peer's node state (its signature was verified on
+/// its way in, and is dropped here); `None` for an empty payload, an instance that left.
+pub fn stored_payload(value: &str) -> Option<&str> {
+    let payload = gossip_sign::payload(value).unwrap_or(value);
+    (!payload.is_empty()).then_some(payload)
 }
 
 /// A peer's node id and `agent` value, checked: `None` when the id is refused or there is no
@@ -298,20 +360,21 @@ fn peer_agent(node_id: &str, agent: Option<&str>, refuse: &mut impl FnMut(&str, 
 }
 
 /// Reads one peer from its node id, its `agent` value and its `inst:{id}` keys with their
-/// values, as [`read_peer`] does without its decode cache: `None` when the node id is refused
-/// or it has no `agent` value yet; a refused value goes to `refuse` with its key and is
-/// skipped. Pure, without chitchat's types, so that the fuzz target `gossip_value` runs it.
+/// values as they sit in its node state ([`stored_payload`]), as [`read_peer`] does without its
+/// decode cache: `None` when the node id is refused or it has no `agent` value yet; an instance
+/// that left is skipped; a refused value goes to `refuse` with its key and is skipped. Pure, without chitchat's types, so that the fuzz target `gossip_value` runs it.
 pub fn peer_from_values<'a>(
     node_id: &str,
     agent: Option<&str>,
     instances: impl IntoIterator<Item = (&'a str, &'a str)>,
     mut refuse: impl FnMut(&str, &dyn std::fmt::Display),
 ) -> Option<Peer> {
-    let agent = peer_agent(node_id, agent, &mut refuse)?;
+    let agent = peer_agent(node_id, agent.and_then(stored_payload), &mut refuse)?;
     let mut peer = Peer { http: agent.http, zone: agent.zone, instances: BTreeMap::new() };
     for (key, value) in instances {
         let Some(instance_id) = key.strip_prefix(INSTANCE_PREFIX) else { continue };
-        match GossipInstance::decode(instance_id, value) {
+        let Some(payload) = stored_payload(value) else { continue };
+        match GossipInstance::decode(instance_id, payload) {
             Ok(instance) => {
                 peer.instances.insert(instance_id.to_string(), Arc::new(instance));
             }
@@ -348,12 +411,24 @@ struct Values {
     /// Decoded by the previous view; what this one does not take is dropped with it.
     previous: HashMap<(String, u64), NodeValues>,
     reported: Reported,
+    /// Each node generation's `alive` stamp (its version) and when this agent saw it move.
+    stamps: HashMap<(String, u64), (u64, Instant)>,
+    /// When the next live node's stamp goes stale, if nothing moves before.
+    next_stale: Option<Instant>,
 }
 
 /// Builds the view from the live nodes' states (a copy the watcher hands out, so no chitchat
 /// lock is held while values are decoded) and the dead nodes. Of two live generations of one
-/// node (a restart, for a round or two), the newer one counts.
-fn build_view(live: &BTreeMap<ChitchatId, NodeState>, dead: &[ChitchatId], metrics: &Metrics, values: &mut Values) -> GossipView {
+/// node (a restart, for a round or two), the newer one counts; a node whose `alive` stamp has
+/// not moved for `stale_after` (as of `now`) is dead.
+fn build_view(
+    live: &BTreeMap<ChitchatId, NodeState>,
+    dead: &[ChitchatId],
+    metrics: &Metrics,
+    values: &mut Values,
+    now: Instant,
+    stale_after: Duration,
+) -> GossipView {
     let mut newest: BTreeMap<&str, &ChitchatId> = BTreeMap::new();
     for id in live.keys() {
         let entry = newest.entry(id.node_id.as_ref()).or_insert(id);
@@ -362,13 +437,31 @@ fn build_view(live: &BTreeMap<ChitchatId, NodeState>, dead: &[ChitchatId], metri
         }
     }
     let mut view = GossipView::default();
+    let mut stamps = HashMap::with_capacity(newest.len());
+    values.next_stale = None;
     for id in newest.values() {
         let Some(state) = live.get(*id) else { continue };
+        let node = (id.node_id.to_string(), id.generation_id);
+        let stamp = state.get_versioned(ALIVE_KEY).map_or(0, |v| v.version);
+        let moved_at = match values.stamps.get(&node) {
+            Some((known, at)) if *known == stamp => *at,
+            _ => now,
+        };
+        stamps.insert(node, (stamp, moved_at));
+        let stale_at = moved_at + stale_after;
+        if now >= stale_at {
+            if view.dead.insert(id.node_id.to_string()) {
+                view.members.push(member(id, "dead", None));
+            }
+            continue;
+        }
+        values.next_stale = Some(values.next_stale.map_or(stale_at, |next| next.min(stale_at)));
         if let Some(peer) = read_peer(id, state, metrics, values) {
             view.members.push(member(id, "alive", Some(&peer)));
             view.live.insert(id.node_id.to_string(), peer);
         }
     }
+    values.stamps = stamps;
     for id in dead {
         if !view.live.contains_key(id.node_id.as_ref()) && view.dead.insert(id.node_id.to_string()) {
             view.members.push(member(id, "dead", None));
@@ -392,6 +485,8 @@ pub async fn run(gossip: Arc<Gossip>, local: Arc<LocalState>, cache: Arc<Cache>,
     let mut values = Values::default();
     // The dead set does not change a live node's state: read it every few rounds.
     let mut ticker = tokio::time::interval(gossip.config().interval * 2);
+    let mut stamper = tokio::time::interval(alive_every(gossip.config().interval));
+    let stale_after = stale_after(gossip.config().interval);
     let mut dead: Vec<ChitchatId> = Vec::new();
     let mut last: Option<GossipView> = None;
     let mut stale = true;
@@ -401,7 +496,7 @@ pub async fn run(gossip: Arc<Gossip>, local: Arc<LocalState>, cache: Arc<Cache>,
         if stale {
             let mut view = {
                 let live = peers.borrow_and_update();
-                build_view(&live, &dead, &metrics, &mut values)
+                build_view(&live, &dead, &metrics, &mut values, Instant::now(), stale_after)
             };
             let own = own_peer(gossip.config(), &local);
             view.live.insert(gossip.config().node.clone(), own);
@@ -429,12 +524,17 @@ pub async fn run(gossip: Arc<Gossip>, local: Arc<LocalState>, cache: Arc<Cache>,
                 dead = gossip.dead_nodes().await;
                 stale = true;
             }
+            _ = stamper.tick() => gossip.stamp_alive().await,
             _ = ticker.tick() => {
                 let (nodes, key_values) = gossip.refusals().await;
                 metrics.gossip_refused(nodes, key_values);
                 let now_dead = gossip.dead_nodes().await;
                 if now_dead != dead {
                     dead = now_dead;
+                    stale = true;
+                }
+                // A peer whose stamp went stale leaves the live set of the next view.
+                if values.next_stale.is_some_and(|at| Instant::now() >= at) {
                     stale = true;
                 }
             }
@@ -465,15 +565,22 @@ mod tests {
 
     use super::*;
 
-    fn instance(port: u16) -> String {
-        gossip::encode(&test_instance("10.0.0.1", port, Health::Passing)).expect("encodes")
+    /// A value as it sits in chitchat's state once the gate verified it.
+    fn signed(payload: &str) -> String {
+        format!("{}.{payload}", "A".repeat(86))
     }
+
+    fn instance(port: u16) -> String {
+        signed(&gossip::encode(&test_instance("10.0.0.1", port, Health::Passing)).expect("encodes"))
+    }
+
+    const STALE: Duration = Duration::from_secs(10);
 
     fn node(name: &str, generation: u64, values: &[(&str, String)]) -> (ChitchatId, NodeState) {
         let id = ChitchatId::new(name.to_string(), generation, SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7302));
         let mut state = NodeState::for_test();
         let agent = AgentValue { v: FORMAT_VERSION, http: "127.0.0.1:7301".into(), zone: None };
-        state.set(AGENT_KEY, gossip::encode(&agent).expect("encodes"));
+        state.set(AGENT_KEY, signed(&gossip::encode(&agent).expect("encodes")));
         for (key, value) in values {
             state.set(*key, value);
         }
@@ -490,19 +597,42 @@ mod tests {
         let mut values = Values::default();
         let (id, mut state) = node("n1", 1, &[("inst:a", instance(80)), ("inst:b", instance(81))]);
         let mut live = BTreeMap::from([(id.clone(), state.clone())]);
-        let first = build_view(&live, &[], &metrics, &mut values);
+        let first = build_view(&live, &[], &metrics, &mut values, Instant::now(), STALE);
         assert_eq!(web(&first, "n1", "a").port, 80);
 
         state.set("inst:b", instance(82));
         live.insert(id.clone(), state.clone());
-        let second = build_view(&live, &[], &metrics, &mut values);
+        let second = build_view(&live, &[], &metrics, &mut values, Instant::now(), STALE);
         assert!(Arc::ptr_eq(&web(&first, "n1", "a"), &web(&second, "n1", "a")), "an unchanged value is not decoded again");
         assert_eq!(web(&second, "n1", "b").port, 82, "a new version is");
 
         // A restart (a new generation) may reuse version numbers: nothing is taken over.
         let (restarted, state) = node("n1", 2, &[("inst:a", instance(90))]);
-        let third = build_view(&BTreeMap::from([(restarted, state)]), &[], &metrics, &mut values);
+        let third = build_view(&BTreeMap::from([(restarted, state)]), &[], &metrics, &mut values, Instant::now(), STALE);
         assert_eq!(web(&third, "n1", "a").port, 90);
         assert_eq!(values.previous.len(), 1, "what gone nodes decoded is forgotten");
+    }
+
+    #[test]
+    fn test_a_node_whose_stamp_stays_still_is_dead_and_a_gone_instance_is_left_out() {
+        let metrics = Metrics::new();
+        let mut values = Values::default();
+        let (id, mut state) = node("n1", 1, &[("inst:a", instance(80)), ("inst:b", signed(""))]);
+        state.set(ALIVE_KEY, signed("1"));
+        let start = Instant::now();
+        let live = BTreeMap::from([(id.clone(), state.clone())]);
+        let view = build_view(&live, &[], &metrics, &mut values, start, STALE);
+        assert_eq!(view.live["n1"].instances.keys().collect::<Vec<_>>(), ["a"], "an empty value is an instance that left");
+        assert_eq!(values.next_stale, Some(start + STALE));
+
+        // Heartbeats alone (the same state) do not keep it live past the stale time.
+        let view = build_view(&live, &[], &metrics, &mut values, start + STALE, STALE);
+        assert!(view.live.is_empty() && view.dead.contains("n1"), "{view:?}");
+
+        // A new stamp does.
+        state.set(ALIVE_KEY, signed("2"));
+        let live = BTreeMap::from([(id, state)]);
+        let view = build_view(&live, &[], &metrics, &mut values, start + STALE * 2, STALE);
+        assert!(view.live.contains_key("n1") && view.dead.is_empty(), "{view:?}");
     }
 }

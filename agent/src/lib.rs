@@ -22,6 +22,7 @@ pub mod config;
 pub mod evidence;
 pub mod feed;
 pub mod gossip;
+pub mod gossip_identity;
 pub mod gossip_key;
 pub mod gossip_replies;
 pub mod gossip_seal;
@@ -29,6 +30,7 @@ pub mod gossip_transport;
 pub mod liveness;
 pub mod local;
 pub mod metrics;
+pub mod node_key;
 pub mod page;
 pub mod persist;
 pub mod sync;
@@ -80,6 +82,9 @@ pub enum Error {
     /// The registry client cannot be built.
     #[error(transparent)]
     Client(#[from] signpost_shared::client::ClientError),
+    /// This node's signing key file cannot be read.
+    #[error(transparent)]
+    NodeKey(#[from] node_key::KeyFileError),
     /// A task ended before shutdown.
     #[error("task `{0}` stopped unexpectedly")]
     TaskDied(&'static str),
@@ -153,6 +158,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         ),
         None => {}
     }
+    let signing = Arc::new(node_key::load_or_create(&config.data_dir)?);
     let gossip_config = GossipConfig {
         node: node.clone(),
         cluster_id: config.cluster_id.clone(),
@@ -166,6 +172,8 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         zone: config.zone.clone(),
         keyring: keyring.clone(),
         recv_buffer: config.gossip_recv_buffer,
+        signing: signing.clone(),
+        peer_keys: cache.peer_keys(),
     };
     let gossip = Arc::new(
         Gossip::start(gossip_config, &local, metrics.clone())
@@ -188,6 +196,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
                 http_addr: http_addr.to_string(),
                 zone: config.zone.clone(),
                 ttl_s: Some(i64::from(config.lease_ttl_s)),
+                signing_key: Some(signing.public().to_string()),
             },
             lease_ttl_s: config.lease_ttl_s,
         },

@@ -96,7 +96,7 @@ impl Metrics {
         let gossip_refused = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "gossip_refused",
-            "What peers' gossip named that was not taken, by what (nodes: past 256 new ones in a message or 10,000 in all; key_values: past a peer's 32,768 keys or 1 MiB)",
+            "What peers' gossip named that was not taken, by what (nodes: past 256 new ones in a message or 10,000 in all; key_values: past a peer's 32,768 keys or 1 MiB; a node's whole delta for unknown_node_key, bad_signature, deletion, version)",
             gossip_refused.clone(),
         );
         let gossip_dropped = Family::<ReasonLabels, Counter>::default();
@@ -176,6 +176,11 @@ impl Metrics {
             let counter = self.gossip_refused.get_or_create(&ReasonLabels { reason });
             counter.inc_by(total.saturating_sub(counter.get()));
         }
+    }
+
+    /// Counts a peer's node delta refused by the identity gate (`reason`: why).
+    pub fn gossip_identity_refused(&self, reason: &'static str) {
+        self.gossip_refused.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// Counts a gossip datagram dropped before chitchat.

@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 
 const MAGIC: &[u8; 4] = b"SPC\0";
 /// The format version this code writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Largest body read back (a corrupt length cannot make the agent allocate more).
 const MAX_BODY: usize = 256 * 1024 * 1024;
 const HEADER: usize = 4 + 4 + 8 + 4;
@@ -130,6 +130,7 @@ struct SavedAgentRef<'a> {
     zone: Option<&'a str>,
     alive: bool,
     times_ms: (i64, i64),
+    signing_key: Option<&'a str>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,6 +161,7 @@ struct SavedAgent {
     zone: Option<String>,
     alive: bool,
     times_ms: (i64, i64),
+    signing_key: Option<String>,
 }
 
 fn ms(time: DateTime<Utc>) -> i64 {
@@ -249,6 +251,7 @@ fn saved_ref(view: &RegistryView, saved_at_ms: i64) -> SavedRef<'_> {
                 zone: a.zone.as_deref(),
                 alive: a.alive,
                 times_ms: (ms(a.updated_at), ms(a.lease_expires_at)),
+                signing_key: a.signing_key.as_deref(),
             })
             .collect(),
     }
@@ -435,6 +438,8 @@ pub fn decode(bytes: &[u8]) -> Result<RegistryView, String> {
             lease_expires_at: time(a.times_ms.1),
             // Evidence of life is only ever taken fresh from the registry, never from disk.
             renewed_at: None,
+            // A restart during a registry outage still knows its peers' keys.
+            signing_key: a.signing_key,
         })
         .collect();
     // Index 0: the feed starts with a full fetch.

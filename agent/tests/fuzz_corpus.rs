@@ -19,6 +19,7 @@ use signpost_agent::cache::RegistryView;
 use signpost_agent::gossip_seal::Sealer;
 use signpost_agent::persist;
 use signpost_shared::gossip::{self, AgentValue, FORMAT_VERSION, GossipInstance};
+use signpost_shared::gossip_sign::{NodeSigningKey, Signer};
 use signpost_shared::model::{Health, Instance};
 use signpost_shared::wire::AgentInfo;
 
@@ -81,6 +82,7 @@ fn sample_view() -> RegistryView {
             updated_at: at(1_767_225_590_000),
             lease_expires_at: at(1_767_225_620_000),
             renewed_at: None,
+            signing_key: Some("11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo".into()),
         }],
         confirmed_at: Some(at(1_767_225_599_000)),
     }
@@ -211,4 +213,10 @@ async fn write_fuzz_seeds() {
 
     let [(_, agent), (key, instance)] = <[(String, String); 2]>::try_from(agent_values(1)).expect("two values");
     write("gossip_value", "published.txt", format!("node-1\n{agent}\n{key}\n{instance}\n").as_bytes());
+    // As the values sit in a peer's state: signed, with an instance that left (empty payload).
+    let signing = NodeSigningKey::generate();
+    let signer = Signer { cluster_id: targets::CLUSTER, node: "node-1", generation: 7, gossip_addr: "127.0.0.1:7302" };
+    let [agent, instance, gone] = [("agent", agent.as_str(), 1), (key.as_str(), instance.as_str(), 2), ("inst:web-9", "", 3)]
+        .map(|(k, v, version)| signing.sign_value(&signer, k, version, v));
+    write("gossip_value", "published-signed.txt", format!("node-1\n{agent}\n{key}\n{instance}\ninst:web-9\n{gone}\n").as_bytes());
 }

@@ -7,6 +7,7 @@ pub mod gossip_craft;
 pub mod netns;
 pub mod postgres;
 pub mod process;
+pub mod raw_peer;
 pub mod service;
 pub mod watch;
 

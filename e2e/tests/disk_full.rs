@@ -21,9 +21,12 @@ use serde_json::{Value, json};
 use signpost_agent::persist;
 use signpost_e2e::{Agent, AgentBuilder, Registry, RegistryBuilder, eventually, free_port};
 
-/// The saved cache's file name and the filler's, the only files the folder may hold.
+/// The saved cache's file name and the filler's, the only files the folder may hold (with the
+/// node key).
 const CACHE_FILE: &str = "catalog-cache.bin";
 const FILLER: &str = "filler";
+/// The agent's signing key, written at its first start (signpost_agent::node_key).
+const NODE_KEY: &str = "node.key";
 /// Failed saves to wait for while the folder is full: with a back-off from 1 s that is at
 /// least 1 + 2 + 4 = 7 seconds of failing (one every second would be seven warnings).
 const FAILURES_TO_WATCH: f64 = 4.0;
@@ -140,8 +143,11 @@ fn save_warnings(agent: &Agent) -> Vec<Value> {
 
 fn assert_no_stray_files(tmpfs: &Tmpfs, when: &str) {
     let files = tmpfs.files();
-    let stray: Vec<&String> = files.iter().filter(|f| *f != CACHE_FILE && *f != FILLER).collect();
-    assert!(stray.is_empty(), "{when}: the data folder holds {stray:?} besides the saved cache (a temporary file left behind)");
+    let stray: Vec<&String> = files.iter().filter(|f| *f != CACHE_FILE && *f != FILLER && *f != NODE_KEY).collect();
+    assert!(
+        stray.is_empty(),
+        "{when}: the data folder holds {stray:?} besides the saved cache and the node key (a temporary file left behind)"
+    );
 }
 
 async fn failures(agent: &Agent) -> f64 {

@@ -1,7 +1,9 @@
 //! Encrypted gossip between real agent processes over real UDP: only holders of the cluster
 //! key become members; keys rotate in the key file while the cluster keeps answering; and a
 //! datagram captured on the wire and sent again, cut short, too long, stamped long ago, or made
-//! of random bytes is dropped, counted, and changes nothing.
+//! of random bytes is dropped, counted, and changes nothing. The members follow a registry
+//! (which publishes their signing keys); the outsiders follow none, so that what they offer
+//! could only reach a member through gossip.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
@@ -11,7 +13,7 @@ use std::time::Duration;
 use serde_json::Value;
 use signpost_agent::gossip_key::{GossipKey, Keyring};
 use signpost_agent::gossip_seal::{MAX_CLOCK_SKEW, Sealer, now_ms};
-use signpost_e2e::{Agent, AgentBuilder, eventually};
+use signpost_e2e::{Agent, AgentBuilder, Registry, RegistryBuilder, eventually};
 
 const DROPPED: &str = "signpost_agent_gossip_dropped_total";
 
@@ -41,9 +43,11 @@ fn gossip_addr(agent: &Agent) -> String {
     SocketAddr::from(([127, 0, 0, 1], agent.gossip_port)).to_string()
 }
 
-/// An agent with one service `name` on `port`, seeded with `seed`, and `flags`.
-async fn agent(node: &str, service: &str, seed: Option<&str>, flags: &[(&str, &str)]) -> Agent {
-    let mut builder = AgentBuilder::new(node, &[]).flag("service", service);
+/// An agent with one service `name` on `port`, following `registry` (none: a registry that is
+/// not there), seeded with `seed`, and `flags`.
+async fn agent(node: &str, service: &str, registry: Option<&Registry>, seed: Option<&str>, flags: &[(&str, &str)]) -> Agent {
+    let urls: Vec<String> = registry.iter().map(|r| r.url()).collect();
+    let mut builder = AgentBuilder::new(node, &urls).flag("service", service);
     if let Some(seed) = seed {
         builder = builder.flag("seed", seed);
     }
@@ -57,17 +61,18 @@ async fn agent(node: &str, service: &str, seed: Option<&str>, flags: &[(&str, &s
 async fn only_holders_of_the_cluster_key_become_members() {
     let key = keygen();
     let other_key = keygen();
-    let a = agent("node-a", "web:8080", None, &[("gossip-key", &key)]).await;
+    let registry = RegistryBuilder::new(None).start().await;
+    let a = agent("node-a", "web:8080", Some(&registry), None, &[("gossip-key", &key)]).await;
     let seed = gossip_addr(&a);
-    let b = agent("node-b", "api:8081", Some(&seed), &[("gossip-key", &key)]).await;
+    let b = agent("node-b", "api:8081", Some(&registry), Some(&seed), &[("gossip-key", &key)]).await;
     let outsiders = [
-        agent("other-key", "evil:1", Some(&seed), &[("gossip-key", &other_key)]).await,
-        agent("no-key", "evil:2", Some(&seed), &[]).await,
-        agent("other-cluster", "evil:3", Some(&seed), &[("gossip-key", &key), ("cluster-id", "staging")]).await,
+        agent("other-key", "evil:1", None, Some(&seed), &[("gossip-key", &other_key)]).await,
+        agent("no-key", "evil:2", None, Some(&seed), &[]).await,
+        agent("other-cluster", "evil:3", None, Some(&seed), &[("gossip-key", &key), ("cluster-id", "staging")]).await,
     ];
 
-    eventually("node-a and node-b see each other's service", Duration::from_secs(15), || async {
-        (passing(&a, "api").await == 1 && passing(&b, "web").await == 1).then_some(())
+    eventually("node-a and node-b are members of each other's gossip", Duration::from_secs(15), || async {
+        gossip_members(&a, &b).await.then_some(())
     })
     .await;
     // Every outsider keeps trying (it gossips to its seed every round); wait until node-a has
@@ -88,6 +93,11 @@ async fn only_holders_of_the_cluster_key_become_members() {
     }
     assert!(a.log_text().contains("dropped a gossip datagram"));
     assert!(!a.log_text().contains(&key), "the key must never be logged");
+}
+
+/// Whether `a` and `b` each have the other alive in gossip.
+async fn gossip_members(a: &Agent, b: &Agent) -> bool {
+    member_names(a).await.contains(&b.node) && member_names(b).await.contains(&a.node)
 }
 
 /// How many instances of `service` `agent` answers as passing.
@@ -111,9 +121,11 @@ async fn keys_rotate_in_the_key_file_without_losing_a_member() {
         }
     };
     write(&[&old]);
-    let a = agent("node-a", "web:8080", None, &[("gossip-key-file", &files[0].display().to_string())]).await;
-    let b = agent("node-b", "api:8081", Some(&gossip_addr(&a)), &[("gossip-key-file", &files[1].display().to_string())]).await;
-    let both_see = || async { passing(&a, "api").await == 1 && passing(&b, "web").await == 1 };
+    let registry = RegistryBuilder::new(None).start().await;
+    let a = agent("node-a", "web:8080", Some(&registry), None, &[("gossip-key-file", &files[0].display().to_string())]).await;
+    let b =
+        agent("node-b", "api:8081", Some(&registry), Some(&gossip_addr(&a)), &[("gossip-key-file", &files[1].display().to_string())]).await;
+    let both_see = || async { gossip_members(&a, &b).await && passing(&a, "api").await == 1 && passing(&b, "web").await == 1 };
     eventually("the two agents see each other", Duration::from_secs(15), || async { both_see().await.then_some(()) }).await;
 
     // The documented rotation: the new key second everywhere, then first, then alone. Each
@@ -138,7 +150,7 @@ async fn keys_rotate_in_the_key_file_without_losing_a_member() {
     assert_eq!(dropped(&b, "unauthenticated").await, 0.0);
 
     // Only the new key is held now: an agent with the old one stays out.
-    let stale = agent("node-old", "evil:1", Some(&gossip_addr(&a)), &[("gossip-key", &old)]).await;
+    let stale = agent("node-old", "evil:1", None, Some(&gossip_addr(&a)), &[("gossip-key", &old)]).await;
     eventually("node-a refuses the old key", Duration::from_secs(15), || async {
         (dropped(&a, "unauthenticated").await >= 10.0).then_some(())
     })
@@ -178,11 +190,11 @@ fn write_atomically(path: &Path, text: &str) {
 async fn replayed_cut_oversized_stale_and_random_datagrams_are_dropped_and_counted() {
     let key = keygen();
     // The receiver runs first: what was sealed before it started, it refuses (see the end).
-    let target = agent("node-target", "api:8081", None, &[("gossip-key", &key)]).await;
+    let target = agent("node-target", "api:8081", None, None, &[("gossip-key", &key)]).await;
     // The wire tap: node-tapped gossips to it (its seed) and the test keeps what arrives.
     let tap = UdpSocket::bind("127.0.0.1:0").expect("bind the tap");
     tap.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    let tapped = agent("node-tapped", "web:8080", Some(&tap.local_addr().expect("addr").to_string()), &[("gossip-key", &key)]).await;
+    let tapped = agent("node-tapped", "web:8080", None, Some(&tap.local_addr().expect("addr").to_string()), &[("gossip-key", &key)]).await;
     let mut captured = vec![0u8; 65_536];
     let (len, from) = tap.recv_from(&mut captured).expect("node-tapped gossips to its seed");
     captured.truncate(len);

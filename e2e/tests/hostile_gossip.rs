@@ -4,15 +4,26 @@
 //! version (a remote assert in chitchat), a digest listing 2,800 invented nodes (the next
 //! digest outgrew the datagram: `assert!(mtu >= 100)`), and datagrams of zstd blocks that
 //! each expand to 64 KiB (about 130 MB per datagram). Each time the agent goes on answering
-//! and its peers go on seeing its instance passing. docs/security.md.
+//! and its peers go on seeing its instance passing. Nor can it speak for another node:
+//! a newer generation of the node from its own address, values forged under the node's own
+//! chitchat id (signed with another key, or not at all), a deletion of the node's keys, and
+//! heartbeats forged for the node once it died all leave what other agents answer for the node
+//! as it was (or, after the death, critical). docs/security.md.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use signpost_agent::gossip_key::Keyring;
+use chitchat::ChitchatId;
+use chitchat::transport::{Transport, UdpTransport};
+use serde_json::{Value, json};
+use signpost_agent::gossip_key::{Keyring, SharedKeyring};
 use signpost_agent::gossip_seal::{Opener, Sealer, now_ms};
+use signpost_agent::gossip_transport::GossipTransport;
+use signpost_agent::metrics::Metrics;
 use signpost_e2e::gossip_craft::{self, DigestEntry, NodeId, Op};
-use signpost_e2e::{Agent, AgentBuilder, eventually};
+use signpost_e2e::raw_peer::{RawPeer, raw_config};
+use signpost_e2e::{Agent, AgentBuilder, Registry, RegistryBuilder, eventually};
 use tokio::net::UdpSocket;
 
 const CLUSTER: &str = "signpost";
@@ -53,6 +64,26 @@ impl Mallory {
 
     /// Waits for a Syn from `from`, opening sealed datagrams with the key.
     async fn wait_for_syn(&self, from: SocketAddr, within: Duration) {
+        self.wait_for(from, within, gossip_craft::is_syn).await;
+    }
+
+    /// Learns `node`'s chitchat id as any member can: names itself to `peer` in a Syn and
+    /// reads the digest of the SynAck that answers it.
+    async fn learn_id(&self, peer: SocketAddr, node: &str) -> NodeId {
+        let me = DigestEntry { node: self.id(), heartbeat: 1, last_gc_version: 0, max_version: 0 };
+        loop {
+            self.send(peer, &gossip_craft::syn(CLUSTER, std::slice::from_ref(&me))).await;
+            let answer = self.wait_for(peer, Duration::from_secs(10), |d| gossip_craft::digest_nodes(d).is_some()).await;
+            let nodes = gossip_craft::digest_nodes(&answer).unwrap_or_default();
+            if let Some(id) = nodes.into_iter().find(|n| n.name == node) {
+                return id;
+            }
+        }
+    }
+
+    /// Waits for a datagram from `from` that `wanted` accepts (opened with the key) and
+    /// returns it.
+    async fn wait_for(&self, from: SocketAddr, within: Duration, wanted: impl Fn(&[u8]) -> bool) -> Vec<u8> {
         let mut opener = Opener::new(CLUSTER);
         let deadline = Instant::now() + signpost_e2e::patience(within);
         let mut buf = vec![0u8; 70_000];
@@ -67,8 +98,8 @@ impl Mallory {
                     Err(_) => continue,
                 },
             };
-            if sender == from && gossip_craft::is_syn(&plain) {
-                return;
+            if sender == from && wanted(&plain) {
+                return plain;
             }
         }
     }
@@ -78,22 +109,35 @@ fn gossip_addr(agent: &Agent) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], agent.gossip_port))
 }
 
-/// The victim (one service) and an observer seeded with it, both keyed with `key` if any;
-/// returns them once the observer sees the victim's instance passing.
-async fn victim_and_observer(key: Option<&str>) -> (Agent, Agent) {
+/// A registry (SQLite: it publishes the agents' keys), the victim (one service) and an
+/// observer seeded with it, both keyed with `key` if any; returns them once the observer
+/// sees the victim alive in gossip with its instance passing.
+async fn victim_and_observer(key: Option<&str>) -> (Registry, Agent, Agent) {
+    let registry = RegistryBuilder::new(None).start().await;
     let keyed = |builder: AgentBuilder| match key {
         Some(key) => builder.flag("gossip-key", key),
         None => builder,
     };
-    let victim = keyed(AgentBuilder::new("node-v", &[]).flag("service", "web:8080")).start().await;
-    let observer = keyed(AgentBuilder::new("node-o", &[]).flag("seed", gossip_addr(&victim).to_string())).start().await;
+    let urls = [registry.url()];
+    let victim = keyed(AgentBuilder::new("node-v", &urls).flag("service", "web:8080")).start().await;
+    let observer = keyed(AgentBuilder::new("node-o", &urls).flag("seed", gossip_addr(&victim).to_string())).start().await;
     assert_passing_at(&observer, "the observer sees the victim's instance").await;
-    (victim, observer)
+    (registry, victim, observer)
 }
 
+/// The observer's gossip member `node-v`: its state and how many instances it gossips.
+async fn victim_member(observer: &Agent) -> Option<(String, u64)> {
+    let body: Value = reqwest::get(observer.at("/v1/agent/members")).await.ok()?.json().await.ok()?;
+    let member = body["members"].as_array()?.iter().find(|m| m["node"] == "node-v")?.clone();
+    Some((member["state"].as_str()?.to_string(), member["instances"].as_u64()?))
+}
+
+/// Waits until `observer` has node-v alive in gossip, gossiping one instance, and answers
+/// that instance passing.
 async fn assert_passing_at(observer: &Agent, what: &str) {
     eventually(what, Duration::from_secs(20), || async {
-        observer.lookup("web").await?.iter().any(|(id, health)| id == "node-v-web-8080" && health == "passing").then_some(())
+        let passing = observer.lookup("web").await?.iter().any(|(id, health)| id == "node-v-web-8080" && health == "passing");
+        (passing && victim_member(observer).await? == ("alive".to_string(), 1)).then_some(())
     })
     .await;
 }
@@ -126,7 +170,7 @@ fn peak_rss(pid: u32) -> u64 {
 }
 
 async fn a_synack_below_its_own_versions(key: Option<&str>) {
-    let (mut victim, observer) = victim_and_observer(key).await;
+    let (_registry, mut victim, observer) = victim_and_observer(key).await;
     let mallory = Mallory::new(key).await;
     let me = DigestEntry { node: mallory.id(), heartbeat: 1, last_gc_version: 0, max_version: 0 };
     let poisoned = gossip_craft::syn_ack(
@@ -137,25 +181,35 @@ async fn a_synack_below_its_own_versions(key: Option<&str>) {
             Op::SetMaxVersion(1),
         ]),
     );
-    // Sent unasked, it answers nothing the victim sent: dropped before chitchat.
-    mallory.send(gossip_addr(&victim), &poisoned).await;
+    // Sent unasked, it answers nothing the victim sent: dropped before chitchat. (Sent again
+    // on each check: a datagram may be lost on a busy machine.)
     eventually("the unasked SynAck is dropped", Duration::from_secs(10), || async {
+        mallory.send(gossip_addr(&victim), &poisoned).await;
         (dropped(&victim, "unsolicited").await >= 1.0).then_some(())
     })
     .await;
-    // Mallory makes itself known (a Syn naming itself), waits to be asked, and answers.
-    mallory.send(gossip_addr(&victim), &gossip_craft::syn(CLUSTER, &[me])).await;
-    mallory.wait_for_syn(gossip_addr(&victim), Duration::from_secs(30)).await;
-    mallory.send(gossip_addr(&victim), &poisoned).await;
-    eventually("the poisoned SynAck is dropped as malformed", Duration::from_secs(10), || async {
-        (dropped(&victim, "malformed").await >= 1.0).then_some(())
-    })
-    .await;
+    // Mallory makes itself known (a Syn naming itself), waits to be asked, and answers; again
+    // after the next Syn if the answer was lost.
+    let deadline = Instant::now() + signpost_e2e::patience(Duration::from_secs(60));
+    loop {
+        assert!(Instant::now() < deadline, "the poisoned SynAck was never dropped as malformed");
+        mallory.send(gossip_addr(&victim), &gossip_craft::syn(CLUSTER, std::slice::from_ref(&me))).await;
+        mallory.wait_for_syn(gossip_addr(&victim), Duration::from_secs(30)).await;
+        mallory.send(gossip_addr(&victim), &poisoned).await;
+        let counted = tokio::time::timeout(Duration::from_secs(2), async {
+            while dropped(&victim, "malformed").await < 1.0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        if counted.await.is_ok() {
+            break;
+        }
+    }
     assert_unharmed(&mut victim, &observer).await;
 }
 
 async fn thousands_of_invented_nodes(key: Option<&str>) {
-    let (mut victim, observer) = victim_and_observer(key).await;
+    let (_registry, mut victim, observer) = victim_and_observer(key).await;
     let mallory = Mallory::new(key).await;
     // Three datagrams of 1,200 invented nodes each (about 58 KB each).
     for round in 0..3u32 {
@@ -200,7 +254,7 @@ async fn thousands_of_invented_nodes(key: Option<&str>) {
 }
 
 async fn datagrams_of_zstd_bombs(key: Option<&str>) {
-    let (mut victim, observer) = victim_and_observer(key).await;
+    let (_registry, mut victim, observer) = victim_and_observer(key).await;
     let mallory = Mallory::new(key).await;
     // One block: 65,535 zero bytes in a few dozen compressed bytes.
     let block = zstd::bulk::compress(&vec![0u8; 65_535], 19).expect("compress");
@@ -220,6 +274,116 @@ async fn datagrams_of_zstd_bombs(key: Option<&str>) {
     let after = peak_rss(victim.pid());
     assert!(after < before + (64 << 20), "peak memory went from {} MiB to {} MiB", before >> 20, after >> 20);
     assert_unharmed(&mut victim, &observer).await;
+}
+
+/// What `observer` answers for node-v's instance: address, port, health.
+async fn victims_instance(observer: &Agent) -> Option<(String, u64, String)> {
+    let body: Value = reqwest::get(observer.at("/v1/services/web?health=any")).await.ok()?.json().await.ok()?;
+    let instance = body["instances"].as_array()?.iter().find(|i| i["id"] == "node-v-web-8080")?.clone();
+    Some((instance["address"].as_str()?.to_string(), instance["port"].as_u64()?, instance["health"].as_str()?.to_string()))
+}
+
+/// The transport of a raw peer: plain UDP, or sealed with the cluster key.
+fn raw_transport(key: Option<&str>) -> Box<dyn Transport> {
+    match key {
+        None => Box::new(UdpTransport),
+        Some(key) => Box::new(GossipTransport {
+            keyring: Some(Arc::new(SharedKeyring::new(Keyring::parse(&[key]).expect("a key")))),
+            cluster_id: CLUSTER.into(),
+            recv_buffer: 1 << 20,
+            metrics: Arc::new(Metrics::new()),
+        }),
+    }
+}
+
+/// Node deltas `agent` refused for `reason` (signpost_agent_gossip_refused_total).
+async fn refused(agent: &Agent, reason: &str) -> f64 {
+    agent.metric(&format!("signpost_agent_gossip_refused_total{{reason=\"{reason}\"}}")).await.unwrap_or(0.0)
+}
+
+/// Waits until `agent` refused `more` node deltas for `reason` beyond `before`, checking
+/// all along that the observer answers node-v's instance as `genuine`.
+async fn refused_while_unchanged(observer: &Agent, reason: &str, before: f64, more: f64, genuine: &(String, u64, String)) {
+    eventually(&format!("{more} deltas refused as {reason}"), Duration::from_secs(20), || async {
+        assert_eq!(victims_instance(observer).await.as_ref(), Some(genuine), "what the observer answers for node-v changed");
+        assert_eq!(victim_member(observer).await, Some(("alive".to_string(), 1)), "node-v's gossip state changed");
+        (refused(observer, reason).await >= before + more).then_some(())
+    })
+    .await;
+}
+
+async fn impersonators(key: Option<&str>) {
+    let (_registry, mut victim, observer) = victim_and_observer(key).await;
+    let genuine = victims_instance(&observer).await.expect("the observer answers node-v's instance");
+    assert_eq!((genuine.1, genuine.2.as_str()), (8080, "passing"));
+    let transport = raw_transport(key);
+    let to = gossip_addr(&observer);
+    let agent_value = json!({"v": 1, "http": "127.0.0.1:1"}).to_string();
+    let stolen = json!({"v": 1, "service": "web", "address": "6.6.6.6", "port": 80, "weight": 10000, "health": "passing"}).to_string();
+
+    // node-v at the highest generation, from the attacker's own address: once with node-v's
+    // instance sent to 6.6.6.6 (signed, with a key that is not node-v's), once with no
+    // instance at all (its agent value unsigned). The highest generation of a node used to win.
+    let bad_signature = refused(&observer, "bad_signature").await;
+    let redirect = RawPeer::start(raw_config("node-v", u64::MAX, CLUSTER, to), &*transport).await;
+    redirect.set("agent", &agent_value).await;
+    redirect.set("inst:node-v-web-8080", &stolen).await;
+    let vanish = RawPeer::start(raw_config("node-v", u64::MAX - 1, CLUSTER, to), &*transport).await;
+    vanish.set_unsigned("agent", &agent_value).await;
+    refused_while_unchanged(&observer, "bad_signature", bad_signature, 20.0, &genuine).await;
+
+    // node-v's own chitchat id (learnt from a digest, as any member can), claimed by a raw
+    // chitchat elsewhere: values at versions above node-v's, signed with another key, then a
+    // deletion of node-v's instance.
+    let node_v = Mallory::new(key).await.learn_id(to, "node-v").await;
+    let mut config = raw_config("node-v", node_v.generation, CLUSTER, to);
+    config.chitchat_id = ChitchatId::new("node-v".to_string(), node_v.generation, node_v.addr);
+    let forger = RawPeer::start(config, &*transport).await;
+    for round in 0..500 {
+        forger.set("filler", &round.to_string()).await;
+    }
+    let bad_signature = refused(&observer, "bad_signature").await;
+    forger.set("inst:node-v-web-8080", &stolen).await;
+    refused_while_unchanged(&observer, "bad_signature", bad_signature, 20.0, &genuine).await;
+    let deletion = refused(&observer, "deletion").await;
+    forger.delete("inst:node-v-web-8080").await;
+    refused_while_unchanged(&observer, "deletion", deletion, 20.0, &genuine).await;
+    for peer in [redirect, vanish, forger] {
+        peer.stop().await;
+    }
+    assert!(!observer.log_text().contains("panicked"));
+
+    // node-v dies; the attacker goes on sending heartbeats for it (anyone can: a heartbeat is
+    // not signed). Its instance goes critical anyway once its signed `alive` stamp stops moving.
+    victim.kill();
+    let mallory = Mallory::new(key).await;
+    let heartbeats = async {
+        for beat in 0u64.. {
+            let entry = DigestEntry { node: node_v.clone(), heartbeat: 1_000_000 + beat, last_gc_version: 0, max_version: 0 };
+            mallory.send(to, &gossip_craft::syn(CLUSTER, &[entry])).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let critical = eventually("the dead node-v's instance is critical at the observer", Duration::from_secs(40), || async {
+        let (address, port, health) = victims_instance(&observer).await?;
+        assert_eq!((address.as_str(), port), (genuine.0.as_str(), genuine.1));
+        (health == "critical").then_some(())
+    });
+    tokio::select! {
+        () = critical => {}
+        () = heartbeats => unreachable!("the heartbeats go on until the instance is critical"),
+    }
+    assert_eq!(victim_member(&observer).await.map(|(state, _)| state).as_deref(), Some("dead"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impersonators_change_nothing_keyless() {
+    impersonators(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impersonators_change_nothing_keyed() {
+    impersonators(Some(&keygen())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -153,7 +153,8 @@ fn duration(text: &str) {
 // === gossip values ===
 
 /// A peer's node state as the agent reads it ([`gossip::peer_from_values`]), from lines:
-/// the node id, its `agent` value, then key and value lines (`inst:{id}` keys are read).
+/// the node id, its `agent` value, then key and value lines (`inst:{id}` keys are read), each
+/// value as it sits in the state (signature, dot, payload; or the payload alone).
 /// Whatever decodes re-encodes within the size limit and decodes equal; a peer's instances
 /// are exactly its values that decode on their own; merged into the cache, they stay the
 /// peer's.
@@ -166,7 +167,7 @@ pub fn gossip_value(data: &[u8]) {
     // A node state holds each key once; the last value set wins.
     let values: BTreeMap<&str, &str> = rest.chunks(2).map(|kv| (kv[0], kv.get(1).copied().unwrap_or_default())).collect();
 
-    if let Some(agent) = agent
+    if let Some(agent) = agent.and_then(gossip::stored_payload)
         && let Ok(value) = AgentValue::decode(agent)
     {
         let text = signpost_shared::gossip::encode(&value).expect("a decoded agent value re-encodes within the limit");
@@ -175,6 +176,7 @@ pub fn gossip_value(data: &[u8]) {
     let mut each = BTreeMap::new();
     for (key, value) in &values {
         let Some(id) = key.strip_prefix(INSTANCE_PREFIX) else { continue };
+        let Some(value) = gossip::stored_payload(value) else { continue };
         if let Ok(instance) = GossipInstance::decode(id, value) {
             let text = signpost_shared::gossip::encode(&instance).expect("a decoded instance re-encodes within the limit");
             assert!(text.len() <= MAX_VALUE_BYTES);
@@ -190,7 +192,12 @@ pub fn gossip_value(data: &[u8]) {
         return;
     };
     assert_eq!(peer.instances, each, "the peer's instances are the values that decode");
-    let bad = values.keys().filter(|k| k.starts_with(INSTANCE_PREFIX) && !each.contains_key(&k[INSTANCE_PREFIX.len()..])).count();
+    let bad = values
+        .iter()
+        .filter(|(k, v)| {
+            k.starts_with(INSTANCE_PREFIX) && gossip::stored_payload(v).is_some() && !each.contains_key(&k[INSTANCE_PREFIX.len()..])
+        })
+        .count();
     assert_eq!(refused.len(), bad, "every refused value is reported once: {refused:?}");
 
     let gossip_view = GossipView { live: [(node.to_string(), peer.clone())].into(), ..Default::default() };

@@ -54,8 +54,13 @@ async fn a_gap_in_sweeping_gives_every_lease_a_full_term(store: &Store) {
     store.register(&spec("short", "web", 2), T0, None, false).await.expect("register");
     store.register(&spec("long", "web", 300), T0, None, false).await.expect("register");
     store.register(&spec("other", "web", 300), T0, None, false).await.expect("register");
-    let announcement =
-        AgentAnnouncement { gossip_addr: "10.0.0.1:7302".into(), http_addr: "10.0.0.1:7301".into(), zone: None, ttl_s: Some(3) };
+    let announcement = AgentAnnouncement {
+        gossip_addr: "10.0.0.1:7302".into(),
+        http_addr: "10.0.0.1:7301".into(),
+        zone: None,
+        ttl_s: Some(3),
+        signing_key: None,
+    };
     store.announce_agent("node-a", &announcement, T0).await.expect("announce");
     // node-gone's announcement lapsed at T0, before the last sweep: dead before the gap.
     let gone = AgentAnnouncement { ttl_s: Some(1), ..announcement.clone() };
@@ -258,8 +263,13 @@ async fn live_agent_owner_blocks_deregistration(store: &Store) {
     let mut owned = spec("web-1", "web", 30);
     owned.node = Some("node-a".into());
     store.register(&owned, T0, None, false).await.expect("register");
-    let announcement =
-        AgentAnnouncement { gossip_addr: "10.0.0.1:7302".into(), http_addr: "10.0.0.1:7301".into(), zone: None, ttl_s: Some(10) };
+    let announcement = AgentAnnouncement {
+        gossip_addr: "10.0.0.1:7302".into(),
+        http_addr: "10.0.0.1:7301".into(),
+        zone: None,
+        ttl_s: Some(10),
+        signing_key: None,
+    };
     let agent = store.announce_agent("node-a", &announcement, T0).await.expect("announce");
     assert!(agent.alive);
     match store.deregister("web-1", None, T0 + 1000, None).await.expect("deregister") {
@@ -285,8 +295,13 @@ async fn live_agent_owner_blocks_deregistration(store: &Store) {
 }
 
 async fn agents_announce_idempotently(store: &Store) {
-    let announcement =
-        AgentAnnouncement { gossip_addr: "10.0.0.1:7302".into(), http_addr: "10.0.0.1:7301".into(), zone: Some("z1".into()), ttl_s: None };
+    let announcement = AgentAnnouncement {
+        gossip_addr: "10.0.0.1:7302".into(),
+        http_addr: "10.0.0.1:7301".into(),
+        zone: Some("z1".into()),
+        ttl_s: None,
+        signing_key: None,
+    };
     store.announce_agent("node-a", &announcement, T0).await.expect("announce");
     let index = store.load_catalog(T0).await.expect("catalog").index;
     let again = store.announce_agent("node-a", &announcement, T0 + 1000).await.expect("announce");
@@ -295,6 +310,14 @@ async fn agents_announce_idempotently(store: &Store) {
     let agents = store.agents(T0 + 1000).await.expect("agents");
     assert_eq!(agents.len(), 1);
     assert_eq!(agents[0].zone.as_deref(), Some("z1"));
+
+    // A signing key is kept and published; a new one moves the index (agents must learn it).
+    let key = signpost_shared::gossip_sign::NodeSigningKey::generate().public().to_string();
+    let keyed = AgentAnnouncement { signing_key: Some(key.clone()), ..announcement };
+    store.announce_agent("node-a", &keyed, T0 + 2000).await.expect("announce");
+    let catalog = store.load_catalog(T0 + 2000).await.expect("catalog");
+    assert!(catalog.index > index, "a new signing key moves the index");
+    assert_eq!(catalog.agents[0].signing_key.as_deref(), Some(key.as_str()));
 }
 
 async fn catalog_is_ordered_and_indexed(store: &Store) {

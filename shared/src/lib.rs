@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod duration;
 pub mod gossip;
+pub mod gossip_sign;
 pub mod http;
 pub mod meta;
 pub mod model;

@@ -158,6 +158,10 @@ pub struct AgentAnnouncement {
     /// How long the announcement holds unless repeated, in seconds (default 30).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_s: Option<i64>,
+    /// The public half of the key its gossip values are signed with (URL-safe base64 of an
+    /// Ed25519 key); other agents believe its gossip only with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<String>,
 }
 
 impl AgentAnnouncement {
@@ -171,6 +175,9 @@ impl AgentAnnouncement {
         }
         if let Some(ttl) = self.ttl_s {
             errors.check("ttl_s", validate::in_range(ttl, 1, i64::from(crate::model::MAX_TTL_S)));
+        }
+        if let Some(key) = &self.signing_key {
+            errors.check("signing_key", crate::gossip_sign::check_public_key(key));
         }
         errors.into_result(())
     }
@@ -197,6 +204,9 @@ pub struct AgentInfo {
     /// lives, for agents whose gossip does not reach it (see `AgentsPage::now`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renewed_at: Option<DateTime<Utc>>,
+    /// The public key its gossip values are signed with, as it announced it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<String>,
 }
 
 /// The answer of `GET /v1/agents` (optionally `?node=A&node=B`: only those agents).

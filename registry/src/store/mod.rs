@@ -41,7 +41,7 @@ macro_rules! instance_columns {
 
 macro_rules! agent_columns {
     () => {
-        "node, gossip_addr, http_addr, zone, ttl_s, change_index, updated_at, lease_expires_at, renewed_at"
+        "node, gossip_addr, http_addr, zone, ttl_s, change_index, updated_at, lease_expires_at, renewed_at, signing_key"
     };
 }
 
@@ -911,7 +911,8 @@ impl Store {
         Ok(row)
     }
 
-    /// Records an agent's announcement; only a new agent or a changed address moves the index.
+    /// Records an agent's announcement; only a new agent, a changed address or a changed
+    /// signing key moves the index.
     pub async fn announce_agent(&self, node: &str, announcement: &AgentAnnouncement, now_ms: i64) -> Result<AgentInfo, StoreError> {
         let ttl_s = announcement.ttl_s.unwrap_or(i64::from(signpost_shared::model::DEFAULT_TTL_S));
         let lease = now_ms + ttl_s * 1000;
@@ -922,6 +923,7 @@ impl Store {
                 && a.http_addr == announcement.http_addr
                 && a.zone == announcement.zone
                 && a.ttl_s == ttl_s
+                && a.signing_key == announcement.signing_key
         });
         if same {
             let row: Option<AgentRow> = with_pool!(self, pool => sqlx::query_as(concat!(
@@ -939,12 +941,12 @@ impl Store {
             let mut tx = pool.begin().await?;
             let index: i64 = sqlx::query_scalar(BUMP_INDEX).fetch_one(&mut *tx).await?;
             let row: AgentRow = sqlx::query_as(concat!(
-                "INSERT INTO agents (node, gossip_addr, http_addr, zone, ttl_s, change_index, updated_at, lease_expires_at, renewed_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7) \
+                "INSERT INTO agents (node, gossip_addr, http_addr, zone, ttl_s, change_index, updated_at, lease_expires_at, renewed_at, signing_key) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $9) \
                  ON CONFLICT (node) DO UPDATE SET gossip_addr = excluded.gossip_addr, http_addr = excluded.http_addr, \
                  zone = excluded.zone, ttl_s = excluded.ttl_s, change_index = excluded.change_index, \
                  updated_at = excluded.updated_at, lease_expires_at = excluded.lease_expires_at, \
-                 renewed_at = excluded.renewed_at RETURNING ", agent_columns!()))
+                 renewed_at = excluded.renewed_at, signing_key = excluded.signing_key RETURNING ", agent_columns!()))
                 .bind(node)
                 .bind(&announcement.gossip_addr)
                 .bind(&announcement.http_addr)
@@ -953,6 +955,7 @@ impl Store {
                 .bind(index)
                 .bind(now_ms)
                 .bind(lease)
+                .bind(&announcement.signing_key)
                 .fetch_one(&mut *tx)
                 .await?;
             tx.commit().await?;

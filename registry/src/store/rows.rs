@@ -125,6 +125,8 @@ pub struct AgentRow {
     /// When the agent itself last announced (a lease given by the sweeper after a gap is no
     /// renewal).
     pub renewed_at: Option<i64>,
+    /// The public key its gossip values are signed with.
+    pub signing_key: Option<String>,
 }
 
 impl AgentRow {
@@ -144,6 +146,7 @@ impl AgentRow {
             updated_at: time(self.updated_at),
             lease_expires_at: time(self.lease_expires_at),
             renewed_at: self.renewed_at.map(time),
+            signing_key: self.signing_key,
         }
     }
 }
