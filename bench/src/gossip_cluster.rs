@@ -1,6 +1,7 @@
 //! `signpost-bench gossip-cluster`: starts a cluster of agents that gossip over loopback UDP
 //! (real `signpost-agent` processes, or `signpost_agent::run` many times in this process, or
-//! both), each on its own 127.0.0.x address, and measures it: the gossip traffic and CPU of
+//! both), each on its own 127.0.0.x address, with a registry that hands their signing keys
+//! round and is stopped once they have converged, and measures it: the gossip traffic and CPU of
 //! an idle cluster, how long a registration or a health change at one agent takes until
 //! every agent's answer shows it, and how long until every agent stops answering a killed
 //! agent's instance as healthy. It stops every agent it started before it returns.
@@ -53,11 +54,15 @@ pub struct ClusterArgs {
     /// The gossip addresses of the first N nodes are every agent's seeds.
     #[arg(long, default_value_t = 3)]
     seeds: usize,
-    /// Registry URL given to the agents. By default an address of TEST-NET-1: nothing answers
-    /// there, so gossip alone carries every change, and in a private network namespace (no
-    /// route) the agents' retries put no packet on the loopback counters.
-    #[arg(long, default_value = "http://192.0.2.1:9")]
-    registry: String,
+    /// The registry binary. The run starts one (SQLite, in --dir) so that each agent's signing
+    /// key reaches every other agent (gossip is believed only with the node's key), and stops
+    /// it once the cluster has converged: from then on gossip alone carries every change
+    /// measured, and the idle window holds no registry traffic.
+    #[arg(long, default_value = "target/release/signpost-registry")]
+    registry_bin: PathBuf,
+    /// Where that registry listens (keep it outside the agents' addresses).
+    #[arg(long, default_value = "127.0.0.9:7300")]
+    registry_listen: SocketAddr,
     /// The agents' gossip interval.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     gossip_interval: Duration,
@@ -293,6 +298,8 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     };
     let started = Instant::now();
     let net_at_start = NetCounters::read()?;
+    let mut registry = Some(start_registry(&args).await?);
+    let registry_url = format!("http://{}", args.registry_listen);
     let mut nodes = Vec::with_capacity(total);
     let mut pids = String::new();
     for (i, gossip_addr) in gossip.iter().enumerate() {
@@ -307,7 +314,7 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
             let mut command = tokio::process::Command::new(&args.agent_bin);
             command
                 .args(["--node", &name, "--listen", &format!("{ip}:{}", args.http_port), "--gossip-listen", &gossip_addr.to_string()])
-                .args(["--registry", &args.registry, "--service", &format!("gossip-bench:{port}")])
+                .args(["--registry", &registry_url, "--service", &format!("gossip-bench:{port}")])
                 .args(["--gossip-interval", &format!("{}ms", args.gossip_interval.as_millis())])
                 .args(["--log-level", "warn"])
                 .arg("--data-dir")
@@ -335,7 +342,7 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 listen: SocketAddr::new(ip, args.http_port),
                 gossip_listen: *gossip_addr,
                 seeds: seeds.clone(),
-                registry: vec![reqwest::Url::parse(&args.registry).context("--registry is not a URL")?],
+                registry: vec![reqwest::Url::parse(&registry_url).context("the registry's URL")?],
                 data_dir: data,
                 services,
                 gossip_interval: args.gossip_interval,
@@ -350,11 +357,12 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
         };
         nodes.push(Node { name, base, instance, runner, alive: true });
     }
-    let result = measure(&args, label, &mut nodes, started).await.and_then(|mut result| {
+    let result = measure(&args, label, &mut nodes, &mut registry, started).await.and_then(|mut result| {
         result.run_net = NetCounters::read()?.since(&net_at_start);
         Ok(result)
     });
     // Stop everything this run started, whatever happened.
+    stop_registry(&mut registry).await;
     for node in &mut nodes {
         node.kill();
     }
@@ -374,6 +382,44 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
         append_line(path, &line)?;
     }
     Ok(())
+}
+
+/// Starts the registry (SQLite in `--dir`) and waits until it answers.
+async fn start_registry(args: &ClusterArgs) -> anyhow::Result<tokio::process::Child> {
+    let log = std::fs::File::create(args.dir.join("registry.log")).context("cannot create the registry's log")?;
+    let mut child = tokio::process::Command::new(&args.registry_bin)
+        .args(["--listen", &args.registry_listen.to_string(), "--log-level", "warn"])
+        .arg("--data-dir")
+        .arg(args.dir.join("registry-data"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", args.registry_bin.display()))?;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = client.get(format!("http://{}/readyz", args.registry_listen)).send().await;
+        if ready.is_ok_and(|r| r.status().is_success()) {
+            return Ok(child);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("the registry exited at start ({status}); see {}", args.dir.join("registry.log").display());
+        }
+        if Instant::now() > deadline {
+            bail!("the registry did not get ready within 30 s; see {}", args.dir.join("registry.log").display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Stops the registry, if it still runs.
+async fn stop_registry(registry: &mut Option<tokio::process::Child>) {
+    if let Some(mut child) = registry.take() {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
 }
 
 fn append_line(path: &std::path::Path, line: &str) -> anyhow::Result<()> {
@@ -422,17 +468,30 @@ fn summary(r: &ClusterResult) -> String {
 }
 
 /// The number in `signpost_agent_cache_instances` of an agent's metrics.
+/// The members an agent has alive in gossip (itself included).
+async fn alive_members(client: &reqwest::Client, base: &str) -> Option<usize> {
+    let text = client.get(format!("{base}/metrics")).send().await.ok()?.text().await.ok()?;
+    text.lines().find_map(|l| l.strip_prefix("signpost_agent_gossip_members{state=\"alive\"} "))?.trim().parse().ok()
+}
+
 async fn cached_instances(client: &reqwest::Client, base: &str) -> Option<usize> {
     let text = client.get(format!("{base}/metrics")).send().await.ok()?.text().await.ok()?;
     text.lines().find_map(|l| l.strip_prefix("signpost_agent_cache_instances "))?.trim().parse().ok()
 }
 
-async fn measure(args: &ClusterArgs, label: String, nodes: &mut [Node], started: Instant) -> anyhow::Result<ClusterResult> {
+async fn measure(
+    args: &ClusterArgs,
+    label: String,
+    nodes: &mut [Node],
+    registry: &mut Option<tokio::process::Child>,
+    started: Instant,
+) -> anyhow::Result<ClusterResult> {
     let total = nodes.len();
     let client = crate::load::client(4, args.event_timeout + Duration::from_secs(15))?;
     let instances = args.processes + args.in_process * args.instances_per_node.max(1);
 
-    // 1. Converge: every agent knows every instance.
+    // 1. Converge: every agent has every other alive in gossip (so it holds their keys) and
+    // knows every instance.
     let net_before = NetCounters::read()?;
     let deadline = started + args.converge_timeout;
     let mut waiting: Vec<usize> = (0..total).collect();
@@ -451,7 +510,9 @@ async fn measure(args: &ClusterArgs, label: String, nodes: &mut [Node], started:
         }
         let mut still = Vec::new();
         for i in waiting {
-            if cached_instances(&client, &nodes[i].base).await != Some(instances) {
+            if alive_members(&client, &nodes[i].base).await != Some(total)
+                || cached_instances(&client, &nodes[i].base).await != Some(instances)
+            {
                 still.push(i);
             }
         }
@@ -480,7 +541,8 @@ async fn measure(args: &ClusterArgs, label: String, nodes: &mut [Node], started:
         }
     }
     let converge_s = started.elapsed().as_secs_f64();
-    eprintln!("gossip-cluster {label}: {total} agents know all {instances} instances after {converge_s:.1} s");
+    eprintln!("gossip-cluster {label}: {total} agents know all {instances} instances after {converge_s:.1} s; stopping the registry");
+    stop_registry(registry).await;
     // Let the start-up churn (introductions, catch-up) settle before the idle window.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
