@@ -148,6 +148,7 @@ impl Gossip {
         let transport = GossipTransport {
             keyring: config.keyring.clone(),
             cluster_id: config.cluster_id.clone(),
+            advertise: config.advertise,
             recv_buffer: config.recv_buffer,
             metrics,
         };

@@ -34,6 +34,9 @@ pub struct GossipTransport {
     pub keyring: Option<Arc<SharedKeyring>>,
     /// The cluster id sealed datagrams are bound to.
     pub cluster_id: String,
+    /// The address peers send to (besides the listen address): a sealed datagram is taken
+    /// only when addressed to one of the two.
+    pub advertise: SocketAddr,
     /// Receive buffer to ask the kernel for, in bytes.
     pub recv_buffer: usize,
     /// Where datagrams and drops are counted.
@@ -57,7 +60,7 @@ impl Transport for GossipTransport {
             Some(keyring) => Mode::Sealed {
                 keyring: keyring.clone(),
                 sealer: Sealer::new(&self.cluster_id),
-                opener: Opener::starting_at(&self.cluster_id, gossip_seal::now_ms()),
+                opener: Opener::starting_at(&self.cluster_id, &own_addresses(self.advertise, listen_addr), gossip_seal::now_ms()),
             },
             None => Mode::Plain,
         };
@@ -72,6 +75,16 @@ impl Transport for GossipTransport {
             replies: Replies::default(),
         }))
     }
+}
+
+/// The addresses sealed datagrams may be addressed to: the advertised one and the one listened
+/// on (unless that is the unspecified address).
+fn own_addresses(advertise: SocketAddr, listen: SocketAddr) -> Vec<SocketAddr> {
+    let mut own = vec![advertise];
+    if !listen.ip().is_unspecified() && listen != advertise {
+        own.push(listen);
+    }
+    own
 }
 
 /// Binds a non-blocking UDP socket with a receive buffer of `recv_buffer` bytes, forced past
@@ -173,7 +186,7 @@ impl Socket for GossipSocket {
         let datagram: &[u8] = match &self.mode {
             Mode::Plain => &self.plain,
             Mode::Sealed { keyring, sealer, .. } => {
-                sealer.seal(&keyring.current(), &self.plain, gossip_seal::now_ms(), &mut self.sealed);
+                sealer.seal(&keyring.current(), to, &self.plain, gossip_seal::now_ms(), &mut self.sealed);
                 &self.sealed
             }
         };

@@ -102,7 +102,7 @@ impl Metrics {
         let gossip_dropped = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "gossip_dropped",
-            "Gossip datagrams dropped before chitchat, by reason (truncated, oversized, unauthenticated, stale, replayed, malformed, unsolicited)",
+            "Gossip datagrams dropped before chitchat, by reason (truncated, oversized, unauthenticated, misaddressed, stale, replayed, malformed, unsolicited)",
             gossip_dropped.clone(),
         );
         for refusal in Refusal::ALL {

@@ -204,7 +204,7 @@ async fn write_fuzz_seeds() {
             write("gossip_datagram", &format!("{kind}-{label}.bin"), envelope);
         }
         let mut sealed = Vec::new();
-        Sealer::new(targets::CLUSTER).seal(targets::keyring(), &envelopes[1], targets::NOW_MS - 1_000, &mut sealed);
+        Sealer::new(targets::CLUSTER).seal(targets::keyring(), targets::RECIPIENT, &envelopes[1], targets::NOW_MS - 1_000, &mut sealed);
         write("gossip_datagram", &format!("synack-{label}-sealed.bin"), &sealed);
     }
     let mut bad_cluster = Vec::new();

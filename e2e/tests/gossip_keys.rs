@@ -1,7 +1,7 @@
 //! Encrypted gossip between real agent processes over real UDP: only holders of the cluster
 //! key become members; keys rotate in the key file while the cluster keeps answering; and a
-//! datagram captured on the wire and sent again, cut short, too long, stamped long ago, or made
-//! of random bytes is dropped, counted, and changes nothing. The members follow a registry
+//! datagram captured on the wire on its way to another member, sent again, cut short, too
+//! long, stamped long ago, or made of random bytes is dropped, counted, and changes nothing. The members follow a registry
 //! (which publishes their signing keys); the outsiders follow none, so that what they offer
 //! could only reach a member through gossip.
 
@@ -174,8 +174,8 @@ async fn keys_rotate_in_the_key_file_without_losing_a_member() {
 }
 
 /// The envelope inside a captured datagram, opened with the key (as a member would).
-fn open_captured(keyring: &Keyring, datagram: &[u8]) -> Vec<u8> {
-    let mut opener = signpost_agent::gossip_seal::Opener::new("signpost");
+fn open_captured(keyring: &Keyring, tap: SocketAddr, datagram: &[u8]) -> Vec<u8> {
+    let mut opener = signpost_agent::gossip_seal::Opener::new("signpost", &[tap]);
     opener.open(keyring, &mut datagram.to_vec(), now_ms()).expect("a genuine datagram opens").to_vec()
 }
 
@@ -187,14 +187,15 @@ fn write_atomically(path: &Path, text: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replayed_cut_oversized_stale_and_random_datagrams_are_dropped_and_counted() {
+async fn replayed_misaddressed_cut_oversized_stale_and_random_datagrams_are_dropped_and_counted() {
     let key = keygen();
     // The receiver runs first: what was sealed before it started, it refuses (see the end).
     let target = agent("node-target", "api:8081", None, None, &[("gossip-key", &key)]).await;
     // The wire tap: node-tapped gossips to it (its seed) and the test keeps what arrives.
     let tap = UdpSocket::bind("127.0.0.1:0").expect("bind the tap");
+    let tap_addr = tap.local_addr().expect("addr");
     tap.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    let tapped = agent("node-tapped", "web:8080", None, Some(&tap.local_addr().expect("addr").to_string()), &[("gossip-key", &key)]).await;
+    let tapped = agent("node-tapped", "web:8080", None, Some(&tap_addr.to_string()), &[("gossip-key", &key)]).await;
     let mut captured = vec![0u8; 65_536];
     let (len, from) = tap.recv_from(&mut captured).expect("node-tapped gossips to its seed");
     captured.truncate(len);
@@ -215,9 +216,20 @@ async fn replayed_cut_oversized_stale_and_random_datagrams_are_dropped_and_count
         }
     };
 
-    // The captured datagram is genuine: node-target takes the first copy and answers the tap
-    // (which also keeps receiving node-tapped's rounds) ...
+    // The captured datagram is genuine, but sealed to the tap's address: node-target, another
+    // member, does not take it.
+    let misaddressed = before("misaddressed").await;
     send(&captured);
+    wait_counted("misaddressed", misaddressed + 1.0).await;
+
+    // The same Syn sealed to node-target, as a member would (the test holds the key; an
+    // attacker would hold only captures): node-target takes the first copy and answers the
+    // tap (which also keeps receiving node-tapped's rounds) ...
+    let keyring = Keyring::parse(&[key.as_str()]).expect("keyring");
+    let genuine_syn = open_captured(&keyring, tap_addr, &captured);
+    let mut genuine = Vec::new();
+    Sealer::new("signpost").seal(&keyring, to, &genuine_syn, now_ms(), &mut genuine);
+    send(&genuine);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut reply = vec![0u8; 65_536];
     loop {
@@ -230,8 +242,9 @@ async fn replayed_cut_oversized_stale_and_random_datagrams_are_dropped_and_count
     }
     // ... and the same bytes again are a replay.
     let replayed = before("replayed").await;
-    send(&captured);
+    send(&genuine);
     wait_counted("replayed", replayed + 1.0).await;
+    let captured = genuine;
 
     let unauthenticated = before("unauthenticated").await;
     send(&captured[..captured.len() - 1]);
@@ -249,16 +262,14 @@ async fn replayed_cut_oversized_stale_and_random_datagrams_are_dropped_and_count
 
     // Sealed with the right key, but stamped outside the allowed clock skew: a capture kept
     // for later. (The test holds the key; an attacker would hold only old datagrams.)
-    let keyring = Keyring::parse(&[key.as_str()]).expect("keyring");
     let mut old = Vec::new();
-    let genuine_syn = open_captured(&keyring, &captured);
-    Sealer::new("signpost").seal(&keyring, &genuine_syn, now_ms() - MAX_CLOCK_SKEW.as_millis() as u64 - 5_000, &mut old);
+    Sealer::new("signpost").seal(&keyring, to, &genuine_syn, now_ms() - MAX_CLOCK_SKEW.as_millis() as u64 - 5_000, &mut old);
     let stale = before("stale").await;
     send(&old);
     wait_counted("stale", stale + 1.0).await;
     // Sealed now, but not a chitchat envelope: authentic garbage is dropped too.
     let mut garbage = Vec::new();
-    Sealer::new("signpost").seal(&keyring, b"not a chitchat envelope", now_ms(), &mut garbage);
+    Sealer::new("signpost").seal(&keyring, to, b"not a chitchat envelope", now_ms(), &mut garbage);
     let malformed = before("malformed").await;
     send(&garbage);
     wait_counted("malformed", malformed + 1.0).await;

@@ -55,7 +55,7 @@ impl Mallory {
             None => plain.to_vec(),
             Some(keyring) => {
                 let mut sealed = Vec::new();
-                Sealer::new(CLUSTER).seal(keyring, plain, now_ms(), &mut sealed);
+                Sealer::new(CLUSTER).seal(keyring, to, plain, now_ms(), &mut sealed);
                 sealed
             }
         };
@@ -84,7 +84,7 @@ impl Mallory {
     /// Waits for a datagram from `from` that `wanted` accepts (opened with the key) and
     /// returns it.
     async fn wait_for(&self, from: SocketAddr, within: Duration, wanted: impl Fn(&[u8]) -> bool) -> Vec<u8> {
-        let mut opener = Opener::new(CLUSTER);
+        let mut opener = Opener::new(CLUSTER, &[self.addr()]);
         let deadline = Instant::now() + signpost_e2e::patience(within);
         let mut buf = vec![0u8; 70_000];
         loop {
@@ -283,13 +283,15 @@ async fn victims_instance(observer: &Agent) -> Option<(String, u64, String)> {
     Some((instance["address"].as_str()?.to_string(), instance["port"].as_u64()?, instance["health"].as_str()?.to_string()))
 }
 
-/// The transport of a raw peer: plain UDP, or sealed with the cluster key.
-fn raw_transport(key: Option<&str>) -> Box<dyn Transport> {
+/// The transport of a raw peer listening on `listen`: plain UDP, or sealed with the cluster
+/// key.
+fn raw_transport(key: Option<&str>, listen: SocketAddr) -> Box<dyn Transport> {
     match key {
         None => Box::new(UdpTransport),
         Some(key) => Box::new(GossipTransport {
             keyring: Some(Arc::new(SharedKeyring::new(Keyring::parse(&[key]).expect("a key")))),
             cluster_id: CLUSTER.into(),
+            advertise: listen,
             recv_buffer: 1 << 20,
             metrics: Arc::new(Metrics::new()),
         }),
@@ -316,7 +318,6 @@ async fn impersonators(key: Option<&str>) {
     let (_registry, mut victim, observer) = victim_and_observer(key).await;
     let genuine = victims_instance(&observer).await.expect("the observer answers node-v's instance");
     assert_eq!((genuine.1, genuine.2.as_str()), (8080, "passing"));
-    let transport = raw_transport(key);
     let to = gossip_addr(&observer);
     let agent_value = json!({"v": 1, "http": "127.0.0.1:1"}).to_string();
     let stolen = json!({"v": 1, "service": "web", "address": "6.6.6.6", "port": 80, "weight": 10000, "health": "passing"}).to_string();
@@ -325,10 +326,14 @@ async fn impersonators(key: Option<&str>) {
     // instance sent to 6.6.6.6 (signed, with a key that is not node-v's), once with no
     // instance at all (its agent value unsigned). The highest generation of a node used to win.
     let bad_signature = refused(&observer, "bad_signature").await;
-    let redirect = RawPeer::start(raw_config("node-v", u64::MAX, CLUSTER, to), &*transport).await;
+    let config = raw_config("node-v", u64::MAX, CLUSTER, to);
+    let listen = config.listen_addr;
+    let redirect = RawPeer::start(config, &*raw_transport(key, listen)).await;
     redirect.set("agent", &agent_value).await;
     redirect.set("inst:node-v-web-8080", &stolen).await;
-    let vanish = RawPeer::start(raw_config("node-v", u64::MAX - 1, CLUSTER, to), &*transport).await;
+    let config = raw_config("node-v", u64::MAX - 1, CLUSTER, to);
+    let listen = config.listen_addr;
+    let vanish = RawPeer::start(config, &*raw_transport(key, listen)).await;
     vanish.set_unsigned("agent", &agent_value).await;
     refused_while_unchanged(&observer, "bad_signature", bad_signature, 20.0, &genuine).await;
 
@@ -338,7 +343,8 @@ async fn impersonators(key: Option<&str>) {
     let node_v = Mallory::new(key).await.learn_id(to, "node-v").await;
     let mut config = raw_config("node-v", node_v.generation, CLUSTER, to);
     config.chitchat_id = ChitchatId::new("node-v".to_string(), node_v.generation, node_v.addr);
-    let forger = RawPeer::start(config, &*transport).await;
+    let listen = config.listen_addr;
+    let forger = RawPeer::start(config, &*raw_transport(key, listen)).await;
     for round in 0..500 {
         forger.set("filler", &round.to_string()).await;
     }

@@ -41,6 +41,8 @@ pub const TARGETS: &[(&str, Target)] = &[
 pub const KEY: &str = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
 /// The gossip datagram target's cluster id.
 pub const CLUSTER: &str = "fuzz";
+/// The address the target's datagrams are sealed to and its receiver listens on.
+pub const RECIPIENT: std::net::SocketAddr = std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7302);
 /// The gossip datagram target's clock (2026-01-01T00:00:00Z); a seed sealed a little before
 /// it opens.
 pub const NOW_MS: u64 = 1_767_225_600_000;
@@ -255,7 +257,7 @@ pub fn keyring() -> &'static Keyring {
 /// envelope.
 pub fn gossip_datagram(data: &[u8]) {
     let keys = keyring();
-    let mut opener = Opener::new(CLUSTER);
+    let mut opener = Opener::new(CLUSTER, &[RECIPIENT]);
     if let Ok(envelope) = open_datagram(Some((&mut opener, keys)), &mut data.to_vec(), NOW_MS) {
         reserializes(&envelope);
         let replay = open_datagram(Some((&mut opener, keys)), &mut data.to_vec(), NOW_MS);
@@ -269,10 +271,10 @@ pub fn gossip_datagram(data: &[u8]) {
         return;
     }
     let mut sealed = Vec::new();
-    Sealer::new(CLUSTER).seal(keys, data, NOW_MS - 1, &mut sealed);
-    let mut opener = Opener::new(CLUSTER);
+    Sealer::new(CLUSTER).seal(keys, RECIPIENT, data, NOW_MS - 1, &mut sealed);
+    let mut opener = Opener::new(CLUSTER, &[RECIPIENT]);
     assert_eq!(opener.open(keys, &mut sealed.clone(), NOW_MS), Ok(data));
-    let through = open_datagram(Some((&mut Opener::new(CLUSTER), keys)), &mut sealed.clone(), NOW_MS);
+    let through = open_datagram(Some((&mut Opener::new(CLUSTER, &[RECIPIENT]), keys)), &mut sealed.clone(), NOW_MS);
     match (&through, &plain) {
         (Ok(a), Ok(b)) => assert_eq!(a, b),
         (Err(Refusal::Malformed), Err(Refusal::Malformed)) => {}
@@ -280,7 +282,7 @@ pub fn gossip_datagram(data: &[u8]) {
     }
     let at = 1 + data.len() % (sealed.len() - 1);
     sealed[at] ^= 1 << (data.len() % 8);
-    let changed = Opener::new(CLUSTER).open(keys, &mut sealed, NOW_MS);
+    let changed = Opener::new(CLUSTER, &[RECIPIENT]).open(keys, &mut sealed, NOW_MS);
     assert_eq!(changed, Err(Refusal::Unauthenticated));
 }
 
