@@ -387,6 +387,14 @@ async fn bad_input_is_refused_and_changes_nothing() {
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
+            "agent with a signing key that is not an Ed25519 public key",
+            reqwest::Method::PUT,
+            "/v1/agents/node-1",
+            json_type,
+            br#"{"gossip_addr":"10.0.0.1:7302","http_addr":"10.0.0.1:7301","signing_key":"not-a-key"}"#.to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
             "agent with a bad node name",
             reqwest::Method::PUT,
             "/v1/agents/no%20de",
